@@ -1,0 +1,48 @@
+// The one collective interface every layer above uses. Backends (one file each): MPI for CPU
+// buffers, NCCL for CUDA buffers. MPI also carries control traffic (and NCCL's unique id).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace qlora::cluster {
+
+enum class ReduceOp { sum, average };
+
+// A collective in flight. wait() completes it (and applies averaging for all-reduce).
+class PendingCollective {
+ public:
+  virtual ~PendingCollective() = default;
+  virtual void wait() = 0;
+  virtual bool test() = 0;  // drives progress; true once complete (wait() still required)
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string backend() const = 0;
+
+  // Rank r contributes counts[r] bytes; recv receives them back to back in rank order.
+  virtual std::unique_ptr<PendingCollective> all_gather_async(const void* send, void* recv,
+                                                              const std::vector<int64_t>& counts) = 0;
+  virtual std::unique_ptr<PendingCollective> all_reduce_async(float* data, int64_t count, ReduceOp op) = 0;
+  virtual void broadcast(void* data, int64_t bytes, int root) = 0;
+  virtual void barrier() = 0;
+  // Small control records (memory reports, checksums): rank 0 gets every rank's, others get {}.
+  virtual std::vector<std::string> gather_to_root(const std::string& record) = 0;
+  // Ends every rank of the job with `exit_code` after a failure on this one.
+  [[noreturn]] virtual void abort(int exit_code) = 0;
+
+  void all_gather(const void* send, void* recv, const std::vector<int64_t>& counts) {
+    all_gather_async(send, recv, counts)->wait();
+  }
+  void all_reduce(float* data, int64_t count, ReduceOp op) { all_reduce_async(data, count, op)->wait(); }
+  // All-reduce of one scalar, for losses and flags.
+  double all_reduce_scalar(double value, ReduceOp op);
+};
+
+}  // namespace qlora::cluster

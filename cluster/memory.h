@@ -1,0 +1,50 @@
+// Measured memory per rank: a counting wrapper around LibTorch's CPU allocator (every tensor's
+// bytes, current and peak), and the per-rank report rank 0 gathers into one table.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cluster/communicator.h"
+
+namespace qlora::cluster {
+
+class MemoryCounter {
+ public:
+  // Installs the counting allocator as LibTorch's CPU allocator (idempotent). Tensors allocated
+  // before installation are not counted.
+  static void install();
+  static bool installed();
+  static int64_t current_bytes();
+  static int64_t peak_bytes();
+  static void reset_peak();   // peak := current
+};
+
+// The measured figures of one rank. Every value is a difference of allocator readings taken
+// around the phase it names.
+struct MemoryReport {
+  int rank = 0;
+  int64_t quantized_weights = 0;     // this rank's 4-bit shards (codes + absmax)
+  int64_t replicated_parameters = 0; // norms, embeddings, LM head after preparation
+  int64_t adapters = 0;              // LoRA A and B
+  int64_t gradients = 0;             // adapter gradients (incl. the flat reduction buffer)
+  int64_t optimizer_state = 0;       // AdamW moments
+  int64_t gather_buffers = 0;        // pool of gathered 4-bit blocks
+  int64_t forward_activation_peak = 0;   // peak above the resident state during forward
+  int64_t backward_activation_peak = 0;  // peak above the resident state during backward
+  int64_t peak_total = 0;            // the allocator's peak over the whole run
+
+  std::string to_record() const;     // one line, for gather_to_root
+  static MemoryReport from_record(const std::string& record);
+};
+
+// Rank 0: the per-rank table plus min / max / mean rows, ready to print.
+std::string format_memory_table(const std::vector<MemoryReport>& reports);
+// Rank 0: the same data as JSON (memory.json).
+std::string memory_reports_json(const std::vector<MemoryReport>& reports);
+
+// Collective: every rank passes its report, rank 0 gets them all (others get {}).
+std::vector<MemoryReport> gather_memory_reports(Communicator& communicator, const MemoryReport& report);
+
+}  // namespace qlora::cluster

@@ -1,0 +1,142 @@
+// MPI implementation of Communicator. Averaging divides after the sum so every backend averages the
+// same way; counts above 2^31 bytes are rejected by an assert (MPI int counts), see DESIGN notes.
+#include "cluster/mpi_communicator.h"
+
+#include <cassert>
+#include <climits>
+#include <vector>
+
+namespace qlora::cluster {
+
+double Communicator::all_reduce_scalar(double value, ReduceOp op) {
+  float as_float[2] = {static_cast<float>(value), 0.0f};
+  // Keep double precision: split into a float head and the float residual.
+  as_float[1] = static_cast<float>(value - static_cast<double>(as_float[0]));
+  all_reduce(as_float, 2, op);
+  return static_cast<double>(as_float[0]) + static_cast<double>(as_float[1]);
+}
+
+namespace {
+
+class MpiPending final : public PendingCollective {
+ public:
+  MpiPending(float* scale_data, int64_t scale_count, float scale)
+      : scale_data_(scale_data), scale_count_(scale_count), scale_(scale) {}
+  MPI_Request* request() { return &request_; }
+  // MPI reads a non-blocking gather's count arrays until it completes, so they live here.
+  std::vector<int> counts;
+  std::vector<int> displacements;
+  ~MpiPending() override {
+    if (!done_) wait();
+  }
+  void wait() override {
+    if (done_) return;
+    MPI_Wait(&request_, MPI_STATUS_IGNORE);
+    finish();
+  }
+  bool test() override {
+    if (done_) return true;
+    int complete = 0;
+    MPI_Test(&request_, &complete, MPI_STATUS_IGNORE);
+    if (complete) finish();
+    return complete != 0;
+  }
+
+ private:
+  void finish() {
+    done_ = true;
+    if (scale_data_ != nullptr)
+      for (int64_t i = 0; i < scale_count_; ++i) scale_data_[i] *= scale_;
+  }
+  MPI_Request request_ = MPI_REQUEST_NULL;
+  float* scale_data_;
+  int64_t scale_count_;
+  float scale_;
+  bool done_ = false;
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "mpi"; }
+
+  std::unique_ptr<PendingCollective> all_gather_async(const void* send, void* recv,
+                                                      const std::vector<int64_t>& counts) override {
+    assert(static_cast<int>(counts.size()) == size_);
+    auto pending = std::make_unique<MpiPending>(nullptr, 0, 1.0f);
+    pending->counts.assign(size_, 0);
+    pending->displacements.assign(size_, 0);
+    int64_t offset = 0;
+    for (int r = 0; r < size_; ++r) {
+      assert(counts[r] <= INT_MAX && offset <= INT_MAX);
+      pending->counts[r] = static_cast<int>(counts[r]);
+      pending->displacements[r] = static_cast<int>(offset);
+      offset += counts[r];
+    }
+    MPI_Iallgatherv(send, pending->counts[rank_], MPI_BYTE, recv, pending->counts.data(),
+                    pending->displacements.data(), MPI_BYTE, comm_, pending->request());
+    return pending;
+  }
+
+  std::unique_ptr<PendingCollective> all_reduce_async(float* data, int64_t count, ReduceOp op) override {
+    assert(count <= INT_MAX);
+    const bool average = op == ReduceOp::average && size_ > 1;
+    auto pending = std::make_unique<MpiPending>(average ? data : nullptr, count, 1.0f / static_cast<float>(size_));
+    MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_, pending->request());
+    return pending;
+  }
+
+  void broadcast(void* data, int64_t bytes, int root) override {
+    assert(bytes <= INT_MAX);
+    MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_);
+  }
+
+  void barrier() override { MPI_Barrier(comm_); }
+
+  std::vector<std::string> gather_to_root(const std::string& record) override {
+    return gather_records_to_root(comm_, record);
+  }
+
+  [[noreturn]] void abort(int exit_code) override {
+    MPI_Abort(comm_, exit_code);
+    std::abort();
+  }
+
+ private:
+  MPI_Comm comm_;
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+}  // namespace
+
+std::vector<std::string> gather_records_to_root(MPI_Comm comm, const std::string& record) {
+  int rank = 0;
+  int size = 1;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &size);
+  int length = static_cast<int>(record.size());
+  std::vector<int> lengths(rank == 0 ? size : 0);
+  MPI_Gather(&length, 1, MPI_INT, lengths.data(), 1, MPI_INT, 0, comm);
+  std::vector<int> displacements(lengths.size(), 0);
+  int total = 0;
+  for (size_t r = 0; r < lengths.size(); ++r) {
+    displacements[r] = total;
+    total += lengths[r];
+  }
+  std::vector<char> buffer(static_cast<size_t>(total));
+  MPI_Gatherv(record.data(), length, MPI_CHAR, buffer.data(), lengths.data(), displacements.data(), MPI_CHAR, 0, comm);
+  std::vector<std::string> records;
+  for (size_t r = 0; r < lengths.size(); ++r)
+    records.emplace_back(buffer.data() + displacements[r], static_cast<size_t>(lengths[r]));
+  return records;
+}
+
+std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) { return std::make_unique<MpiCommunicator>(comm); }
+
+}  // namespace qlora::cluster

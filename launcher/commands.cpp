@@ -1,0 +1,313 @@
+// Command-line front ends of convert / train / inspect (Boost.Program_options, grouped --help,
+// every train option also settable from an INI file given by --config; the command line wins).
+#include "launcher/commands.h"
+
+#include <boost/program_options.hpp>
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <sstream>
+
+#include "cluster/log.h"
+#include "cluster/memory.h"
+#include "launcher/errors.h"
+#include "launcher/train.h"
+#include "shard/converter.h"
+#include "shard/model_store.h"
+
+namespace po = boost::program_options;
+
+namespace qlora::launcher {
+namespace {
+
+po::variables_map parse(const std::vector<std::string>& arguments, const po::options_description& options,
+                        const std::string& command, const po::positional_options_description* positional = nullptr) {
+  po::variables_map values;
+  try {
+    auto parser = po::command_line_parser(arguments).options(options);
+    if (positional != nullptr) parser.positional(*positional);
+    po::store(parser.run(), values);
+    if (values.count("config")) {
+      const std::string path = values["config"].as<std::string>();
+      if (!std::filesystem::is_regular_file(path))
+        throw UserError("no such config file: " + path, "check --config");
+      po::store(po::parse_config_file<char>(path.c_str(), options), values);
+    }
+    po::notify(values);
+  } catch (const po::error& error) {
+    throw UserError(std::string(error.what()), "see `qlora " + command + " --help`");
+  }
+  return values;
+}
+
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> items;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ','))
+    if (!item.empty()) items.push_back(item);
+  return items;
+}
+
+void print_help(const std::string& synopsis, const po::options_description& options) {
+  if (!cluster::log::is_root()) return;
+  std::cout << synopsis << "\n\n" << options << std::flush;
+}
+
+}  // namespace
+
+std::string usage() {
+  return "usage: qlora <command> [options]\n"
+         "\n"
+         "commands:\n"
+         "  train     fine-tune LoRA adapters on a 4-bit model (any number of ranks; no --model: embedded demo)\n"
+         "  convert   write a 4-bit model store (model.h5) from a Hugging Face folder or a synthetic preset\n"
+         "  inspect   print a model store and, with --world N, each rank's shard\n"
+         "\n"
+         "`qlora <command> --help` lists a command's options.\n";
+}
+
+// ---- convert -------------------------------------------------------------------------------------
+
+int run_convert(const std::vector<std::string>& arguments, CommandContext& context) {
+  po::options_description options("qlora convert options");
+  options.add_options()
+      ("help,h", "show this help")
+      ("from", po::value<std::string>(), "Hugging Face model folder (config.json + *.safetensors)")
+      ("synthetic", po::value<std::string>(), "write a random model instead: tiny | small")
+      ("out", po::value<std::string>(), "output model store (model.h5)")
+      ("quant-type", po::value<std::string>()->default_value("nf4"), "nf4 | fp4")
+      ("blocksize", po::value<int64_t>()->default_value(64), "quantization block size (power of two, 32..4096)")
+      ("seed", po::value<uint64_t>()->default_value(1234), "random seed of synthetic models");
+  const auto values = parse(arguments, options, "convert");
+  if (values.count("help")) {
+    print_help("usage: qlora convert (--from HF_DIR | --synthetic tiny) --out model.h5", options);
+    return 0;
+  }
+  if (!values.count("out")) throw UserError("--out is required", "e.g. qlora convert --synthetic tiny --out model.h5");
+  if (values.count("from") == values.count("synthetic"))
+    throw UserError("give exactly one of --from and --synthetic", "see `qlora convert --help`");
+  shard::ConvertOptions convert_options;
+  const std::string quant_type = values["quant-type"].as<std::string>();
+  if (quant_type != "nf4" && quant_type != "fp4") throw UserError("--quant-type must be nf4 or fp4");
+  convert_options.quant_type = quant_type == "nf4" ? kernels::QuantType::nf4 : kernels::QuantType::fp4;
+  convert_options.blocksize = values["blocksize"].as<int64_t>();
+  convert_options.seed = values["seed"].as<uint64_t>();
+  const std::string out = values["out"].as<std::string>();
+  const auto parent = std::filesystem::path(out).parent_path();
+  if (!parent.empty() && !std::filesystem::is_directory(parent))
+    throw UserError("output folder " + parent.string() + " does not exist", "create it first");
+
+  // Conversion is a one-process job; under mpirun the other ranks just wait for it.
+  run_collectively(context.communicator, [&] {
+    if (context.layout.rank != 0) return;
+    const bool terminal = isatty(fileno(stdout));
+    auto progress = [terminal](int64_t done, int64_t total, const std::string& name) {
+      if (terminal)
+        std::printf("\r  %lld/%lld %-60s", static_cast<long long>(done), static_cast<long long>(total), name.c_str());
+    };
+    const auto summary = values.count("from")
+                             ? shard::convert_hf_directory(values["from"].as<std::string>(), out, convert_options, progress)
+                             : shard::convert_synthetic(values["synthetic"].as<std::string>(), out, convert_options,
+                                                        progress);
+    if (terminal) std::printf("\r%90s\r", "");
+    char line[300];
+    std::snprintf(line, sizeof line,
+                  "converted %lld tensors, %lld parameters (%lld quantized to %s, blocksize %lld) -> %s: %s of "
+                  "tensor data, %.3f bits/parameter, %.2f s",
+                  static_cast<long long>(summary.tensors), static_cast<long long>(summary.parameters),
+                  static_cast<long long>(summary.quantized_parameters), quant_type.c_str(),
+                  static_cast<long long>(convert_options.blocksize), out.c_str(),
+                  cluster::log::format_bytes(static_cast<double>(summary.store_bytes)).c_str(),
+                  8.0 * static_cast<double>(summary.store_bytes) / static_cast<double>(summary.parameters),
+                  summary.seconds);
+    cluster::log::banner(line);
+  });
+  return 0;
+}
+
+// ---- inspect -------------------------------------------------------------------------------------
+
+int run_inspect(const std::vector<std::string>& arguments, CommandContext& context) {
+  po::options_description options("qlora inspect options");
+  options.add_options()
+      ("help,h", "show this help")
+      ("model", po::value<std::string>(), "model store to describe")
+      ("world", po::value<int>()->default_value(0), "also print the shard plan for this many ranks");
+  po::positional_options_description positional;
+  positional.add("model", 1);
+  const auto values = parse(arguments, options, "inspect", &positional);
+  if (values.count("help") || !values.count("model")) {
+    print_help("usage: qlora inspect model.h5 [--world N]", options);
+    if (!values.count("help")) throw UserError("no model store given", "usage: qlora inspect model.h5 [--world N]");
+    return 0;
+  }
+  if (context.layout.rank != 0) return 0;
+  auto store = shard::ModelStore::open(values["model"].as<std::string>());
+  const auto& header = store->header();
+  std::ostringstream out;
+  out << store->path() << "\n"
+      << "  format version   " << header.format_version << "\n"
+      << "  architecture     " << header.config.architecture << " (" << header.config.num_hidden_layers
+      << " layers, hidden " << header.config.hidden_size << ", intermediate " << header.config.intermediate_size
+      << ", heads " << header.config.num_attention_heads << "/" << header.config.num_key_value_heads << ", vocab "
+      << header.config.vocab_size << (header.config.tie_word_embeddings ? ", tied" : "") << ")\n"
+      << "  parameters       " << header.config.parameter_count() << "\n"
+      << "  quantization     " << header.quant_method << " " << header.quant_type << ", blocksize " << header.blocksize
+      << ", double quantization " << (header.double_quant ? "on" : "off") << ", compute " << header.compute_dtype << "\n"
+      << "  tokenizer        " << header.tokenizer << "\n"
+      << "  source           " << header.source << " (checksum " << header.source_checksum << ")\n"
+      << "  tensor data      " << cluster::log::format_bytes(static_cast<double>(store->data_bytes())) << "\n\n";
+  char row[256];
+  std::snprintf(row, sizeof row, "  %-48s %-16s %-9s %-6s %12s\n", "tensor", "shape", "dtype", "quant", "bytes");
+  out << row;
+  for (const auto& tensor : store->tensors()) {
+    std::string shape;
+    for (size_t i = 0; i < tensor.shape.size(); ++i) shape += (i ? "x" : "") + std::to_string(tensor.shape[i]);
+    const int64_t bytes = tensor.quantized ? kernels::packed_byte_count(tensor.numel) +
+                                                 4 * kernels::quant_block_count(tensor.numel, header.blocksize)
+                                           : tensor.numel * kernels::dtype_size(tensor.dtype);
+    std::snprintf(row, sizeof row, "  %-48s %-16s %-9s %-6s %12lld\n", tensor.name.c_str(), shape.c_str(),
+                  kernels::dtype_name(tensor.dtype).c_str(), tensor.quantized ? header.quant_type.c_str() : "-",
+                  static_cast<long long>(bytes));
+    out << row;
+  }
+  const int world = values["world"].as<int>();
+  if (world > 0) {
+    out << "\nshard plan for " << world << " ranks (bytes of packed codes + absmax each rank holds; replicated tensors "
+        << "are held whole by every rank):\n";
+    std::vector<int64_t> totals(world, 0);
+    for (const auto& tensor : store->tensors()) {
+      if (!tensor.quantized) continue;
+      if (world > shard::max_world_for(tensor.numel, header.blocksize))
+        throw UserError("tensor '" + tensor.name + "' has only " +
+                        std::to_string(shard::max_world_for(tensor.numel, header.blocksize)) +
+                        " quantization blocks; it cannot be sharded over " + std::to_string(world) + " ranks");
+      std::snprintf(row, sizeof row, "  %-48s", tensor.name.c_str());
+      out << row;
+      for (int rank = 0; rank < world; ++rank) {
+        const auto range = shard::shard_range(tensor.numel, header.blocksize, rank, world);
+        const int64_t bytes = range.bytes() + 4 * range.blocks();
+        totals[rank] += bytes;
+        std::snprintf(row, sizeof row, " %10lld", static_cast<long long>(bytes));
+        out << row;
+      }
+      out << "\n";
+    }
+    std::snprintf(row, sizeof row, "  %-48s", "total per rank");
+    out << row;
+    for (int rank = 0; rank < world; ++rank) {
+      std::snprintf(row, sizeof row, " %10lld", static_cast<long long>(totals[rank]));
+      out << row;
+    }
+    out << "\n";
+  }
+  std::cout << out.str() << std::flush;
+  return 0;
+}
+
+// ---- train ---------------------------------------------------------------------------------------
+
+int run_train(const std::vector<std::string>& arguments, CommandContext& context) {
+  TrainOptions train;
+  po::options_description data_options("Model and data");
+  data_options.add_options()
+      ("model", po::value<std::string>(), "4-bit model store (qlora convert); omitted: the embedded synthetic demo model")
+      ("data", po::value<std::string>(), "text file or folder of .txt files; omitted: the embedded Austen excerpt")
+      ("out", po::value<std::string>()->default_value(train.out_dir), "run folder: metrics, memory report, adapter");
+  po::options_description schedule_options("Schedule");
+  schedule_options.add_options()
+      ("steps", po::value<int64_t>()->default_value(train.steps), "optimizer steps")
+      ("global-batch", po::value<int64_t>()->default_value(train.global_batch), "sequences per step over all ranks")
+      ("seq-len", po::value<int64_t>()->default_value(train.sequence_length), "tokens per sequence")
+      ("lr", po::value<double>()->default_value(train.learning_rate), "AdamW learning rate")
+      ("weight-decay", po::value<double>()->default_value(train.weight_decay), "AdamW weight decay")
+      ("max-grad-norm", po::value<double>()->default_value(train.max_grad_norm), "global-norm clipping (0: off)")
+      ("seed", po::value<uint64_t>()->default_value(train.seed), "seed of adapters, data order and dropout");
+  po::options_description lora_options("LoRA");
+  lora_options.add_options()
+      ("lora-r", po::value<int64_t>()->default_value(train.lora.r), "adapter rank")
+      ("lora-alpha", po::value<double>()->default_value(train.lora.alpha), "scaling numerator (alpha / r)")
+      ("lora-dropout", po::value<double>()->default_value(train.lora.dropout), "dropout on the adapter input")
+      ("lora-targets", po::value<std::string>()->default_value("all-linear"),
+       "comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear")
+      ("lora-init", po::value<std::string>()->default_value("kaiming"), "kaiming | gaussian")
+      ("use-rslora", po::bool_switch(), "scale by alpha / sqrt(r)");
+  po::options_description memory_options("Preparation, memory and parallelism");
+  memory_options.add_options()
+      ("checkpointing", po::value<std::string>()->default_value("reentrant"), "reentrant | non-reentrant | off")
+      ("keep-embeddings-16bit", po::bool_switch(), "do not upcast embeddings and LM head to fp32 (saves memory)")
+      ("gather-slots", po::value<int>()->default_value(train.gather_slots), "gathered 4-bit blocks kept in memory")
+      ("threads", po::value<int>()->default_value(0), "compute threads per rank (0: cores / ranks on the node)")
+      ("backend", po::value<std::string>()->default_value("auto"), "collectives: auto | mpi | nccl");
+  po::options_description general("General");
+  general.add_options()("help,h", "show this help")("config", po::value<std::string>(), "INI file with any of these options");
+  po::options_description all("qlora train options");
+  all.add(data_options).add(schedule_options).add(lora_options).add(memory_options).add(general);
+  const auto values = parse(arguments, all, "train");
+  if (values.count("help")) {
+    print_help("usage: [mpirun -np N | srun] qlora train [--model model.h5 --data corpus/] [options]", all);
+    return 0;
+  }
+
+  train.data_path = values.count("data") ? values["data"].as<std::string>() : "";
+  train.out_dir = values["out"].as<std::string>();
+  train.steps = values["steps"].as<int64_t>();
+  train.global_batch = values["global-batch"].as<int64_t>();
+  train.sequence_length = values["seq-len"].as<int64_t>();
+  train.learning_rate = values["lr"].as<double>();
+  train.weight_decay = values["weight-decay"].as<double>();
+  train.max_grad_norm = values["max-grad-norm"].as<double>();
+  train.seed = values["seed"].as<uint64_t>();
+  train.lora.r = values["lora-r"].as<int64_t>();
+  train.lora.alpha = values["lora-alpha"].as<double>();
+  train.lora.dropout = values["lora-dropout"].as<double>();
+  train.lora.target_modules = split_list(values["lora-targets"].as<std::string>());
+  train.lora.init = values["lora-init"].as<std::string>();
+  train.lora.use_rslora = values["use-rslora"].as<bool>();
+  const std::string checkpointing = values["checkpointing"].as<std::string>();
+  if (checkpointing != "reentrant" && checkpointing != "non-reentrant" && checkpointing != "off")
+    throw UserError("--checkpointing must be reentrant, non-reentrant or off");
+  train.prepare.use_gradient_checkpointing = checkpointing != "off";
+  train.prepare.use_reentrant = checkpointing == "reentrant";
+  train.prepare.keep_embeddings_16bit = values["keep-embeddings-16bit"].as<bool>();
+  train.gather_slots = values["gather-slots"].as<int>();
+  train.threads = values["threads"].as<int>();
+  const std::string backend = values["backend"].as<std::string>();
+  if (backend != "auto" && backend != "mpi" && backend != "nccl")
+    throw UserError("--backend must be auto, mpi or nccl");
+  if (backend == "nccl")
+    throw UserError("--backend nccl needs CUDA tensors, and this build trains on the CPU",
+                    "use --backend mpi (or auto); the NCCL backend is compiled for GPU builds");
+  if (train.lora.target_modules.empty()) throw UserError("--lora-targets is empty", "e.g. --lora-targets all-linear");
+  validate_options(train, context.layout.world);
+
+  const bool embedded_demo = !values.count("model");
+  if (!embedded_demo) {
+    train.model_path = values["model"].as<std::string>();
+  } else {
+    train.model_path = ensure_demo_model(context.communicator, context.layout, 1234);
+  }
+  if (std::filesystem::exists(train.out_dir) && !std::filesystem::is_directory(train.out_dir))
+    throw UserError("--out " + train.out_dir + " exists and is not a folder");
+
+  const int threads = cluster::assign_threads(context.layout, train.threads);
+  const auto nodes = cluster::describe_nodes(context.comm, context.layout);
+  std::ostringstream banner;
+  banner << "qlora train: " << context.layout.world << " rank" << (context.layout.world > 1 ? "s" : "") << " ("
+         << context.layout.launcher << ", backend " << context.communicator.backend() << "), " << threads
+         << " thread" << (threads > 1 ? "s" : "") << " per rank\n";
+  for (const auto& line : nodes) banner << "  " << line << "\n";
+  banner << "  model " << (embedded_demo ? "embedded synthetic tiny (" + train.model_path + ")" : train.model_path)
+         << "\n  data  " << (train.data_path.empty() ? "embedded Austen excerpt (Pride and Prejudice, ch. 1-6)" : train.data_path)
+         << "\n  steps " << train.steps << ", global batch " << train.global_batch << " x " << train.sequence_length
+         << " tokens, lr " << train.learning_rate << ", checkpointing " << checkpointing << ", out " << train.out_dir;
+  cluster::log::banner(banner.str());
+  run_training(train, context.communicator);
+  return 0;
+}
+
+}  // namespace qlora::launcher

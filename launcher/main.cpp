@@ -1,0 +1,75 @@
+// Entry point of the `qlora` binary: initialises MPI (any launcher, or none), dispatches the
+// subcommand, and turns user-caused errors into one message and exit code 2 on every rank.
+#include <mpi.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "cluster/log.h"
+#include "cluster/mpi_communicator.h"
+#include "cluster/rank_layout.h"
+#include "launcher/commands.h"
+#include "launcher/errors.h"
+#include "model/llama.h"
+#include "prepare/prepare.h"
+#include "shard/safetensors.h"
+
+namespace {
+
+void report_user_error(const std::string& message, const std::string& hint) {
+  if (!qlora::cluster::log::is_root()) return;  // every rank saw it; say it once
+  std::string text = "error: " + message + "\n";
+  if (!hint.empty()) text += "hint: " + hint + "\n";
+  std::fputs(text.c_str(), stderr);
+  std::fflush(stderr);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
+  int exit_code = 0;
+  {
+    auto layout = qlora::cluster::discover_rank_layout(MPI_COMM_WORLD);
+    qlora::cluster::log::set_rank(layout.rank, layout.world);
+    auto communicator = qlora::cluster::make_mpi_communicator(MPI_COMM_WORLD);
+    qlora::launcher::CommandContext context{*communicator, layout, MPI_COMM_WORLD};
+
+    const std::string command = argc > 1 ? argv[1] : "";
+    std::vector<std::string> arguments(argv + (argc > 1 ? 2 : 1), argv + argc);
+    try {
+      if (command == "train") {
+        exit_code = qlora::launcher::run_train(arguments, context);
+      } else if (command == "convert") {
+        exit_code = qlora::launcher::run_convert(arguments, context);
+      } else if (command == "inspect") {
+        exit_code = qlora::launcher::run_inspect(arguments, context);
+      } else if (command == "--help" || command == "-h" || command == "help") {
+        if (layout.rank == 0) std::cout << qlora::launcher::usage();
+      } else {
+        report_user_error(command.empty() ? "no command given" : "unknown command '" + command + "'",
+                          "commands are train, convert, inspect; see `qlora --help`");
+        exit_code = qlora::kExitUserError;
+      }
+    } catch (const qlora::UserError& error) {
+      if (!error.reported) report_user_error(error.what(), error.hint);
+      exit_code = qlora::kExitUserError;
+    } catch (const qlora::shard::FormatError& error) {
+      report_user_error(error.what(), "");
+      exit_code = qlora::kExitUserError;
+    } catch (const qlora::prepare::PrepareError& error) {
+      report_user_error(error.what(), "");
+      exit_code = qlora::kExitUserError;
+    } catch (const std::exception& error) {
+      // Not a user error: a bug or a system failure on this rank. End every rank now rather than
+      // leave the others waiting in a collective.
+      qlora::cluster::log::error(std::string("internal error: ") + error.what());
+      communicator->abort(1);
+    }
+  }
+  MPI_Finalize();
+  return exit_code;
+}

@@ -1,0 +1,61 @@
+// `qlora train`: the training loop as a library call (tests drive it in-process over any
+// communicator) plus its options.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cluster/communicator.h"
+#include "cluster/memory.h"
+#include "cluster/rank_layout.h"
+#include "model/llama.h"
+#include "model/lora.h"
+#include "prepare/prepare.h"
+
+namespace qlora::launcher {
+
+struct TrainOptions {
+  std::string model_path;          // empty: the embedded synthetic model
+  std::string data_path;           // empty: the embedded Austen excerpt
+  std::string out_dir = "runs/latest";
+  int64_t steps = 50;
+  int64_t global_batch = 8;        // sequences per optimizer step, over all ranks
+  int64_t sequence_length = 128;
+  double learning_rate = 2e-3;
+  double weight_decay = 0.0;
+  double max_grad_norm = 1.0;      // 0 disables clipping
+  uint64_t seed = 1234;
+  model::LoraConfig lora;
+  prepare::PrepareOptions prepare;
+  int gather_slots = 2;
+  int threads = 0;                 // 0: cores / ranks on the node
+  bool write_outputs = true;       // tests switch off the run folder
+  bool quiet = false;              // no per-step lines
+};
+
+struct TrainResult {
+  std::vector<double> losses;      // global mean loss per step (identical on every rank)
+  cluster::MemoryReport memory;    // this rank's
+  std::vector<cluster::MemoryReport> all_memory;  // rank 0 only
+  prepare::PrepareReport preparation;
+  double seconds = 0.0;
+  double tokens_per_second = 0.0;
+  cluster::GatherStats gather;
+};
+
+// Throws UserError for options that cannot work (checked identically on every rank); the model
+// path is checked when the run opens it.
+void validate_options(const TrainOptions& options, int world);
+
+// Runs the whole job on `communicator`. `inspect`, if given, sees the trained model before it is
+// destroyed (tests use it to check adapters and frozen weights).
+TrainResult run_training(const TrainOptions& options, cluster::Communicator& communicator,
+                         const std::function<void(model::LlamaModelImpl&)>& inspect = {});
+
+// Where the embedded demo model lives (created on first use by one rank per node).
+std::string ensure_demo_model(cluster::Communicator& communicator, const cluster::RankLayout& layout, uint64_t seed);
+
+}  // namespace qlora::launcher

@@ -1,0 +1,387 @@
+// Llama-family decoder with sharded 4-bit blocks, LoRA and block-level gradient checkpointing.
+#include "model/llama.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+
+#include "cluster/memory.h"
+#include "kernels/nf4.h"
+
+namespace qlora::model {
+namespace {
+
+torch::ScalarType torch_dtype(kernels::DType dtype) {
+  switch (dtype) {
+    case kernels::DType::f32: return torch::kFloat;
+    case kernels::DType::f16: return torch::kHalf;
+    case kernels::DType::bf16: return torch::kBFloat16;
+    case kernels::DType::u8: return torch::kUInt8;
+    case kernels::DType::i8: return torch::kInt8;
+    case kernels::DType::i32: return torch::kInt;
+    case kernels::DType::i64: return torch::kLong;
+  }
+  return torch::kFloat;
+}
+
+torch::Tensor read_dense_tensor(const shard::ModelStore& store, const std::string& name) {
+  const shard::StoredTensor& stored = store.tensor(name);
+  auto tensor = torch::empty(stored.shape, torch::TensorOptions().dtype(torch_dtype(stored.dtype)));
+  store.read_dense(name, tensor.data_ptr());
+  return tensor;
+}
+
+// splitmix64: decorrelates the (seed, block, rank) triple into a generator seed.
+uint64_t mix_seed(uint64_t value) {
+  value += 0x9e3779b97f4a7c15ull;
+  value = (value ^ (value >> 30)) * 0xbf58476d1ce4e5b9ull;
+  value = (value ^ (value >> 27)) * 0x94d049bb133111ebull;
+  return value ^ (value >> 31);
+}
+
+// q, k: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim].
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos + rotated * sin;
+}
+
+// Reentrant checkpoint of one decoder block (PEFT's default, use_reentrant=True): forward keeps
+// only the block input; backward re-gathers, recomputes with grad and back-propagates into the LoRA
+// leaves. Like PyTorch's, it produces gradients only if its input requires grad.
+struct ReentrantBlockCheckpoint : public torch::autograd::Function<ReentrantBlockCheckpoint> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* context, torch::Tensor hidden, int64_t index,
+                               int64_t model_address) {
+    auto* model = reinterpret_cast<LlamaModelImpl*>(model_address);
+    context->save_for_backward({hidden});
+    context->saved_data["index"] = index;
+    context->saved_data["model"] = model_address;
+    torch::NoGradGuard no_grad;
+    return model->run_block(static_cast<size_t>(index), hidden);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
+                                                 torch::autograd::variable_list grad_outputs) {
+    auto* model = reinterpret_cast<LlamaModelImpl*>(context->saved_data["model"].toInt());
+    const auto index = static_cast<size_t>(context->saved_data["index"].toInt());
+    auto hidden = context->get_saved_variables()[0].detach().requires_grad_(true);
+    torch::Tensor output;
+    {
+      torch::AutoGradMode enable_grad(true);
+      output = model->run_block(index, hidden);
+    }
+    if (index > 0) model->prefetch_block(index - 1);
+    torch::autograd::backward({output}, {grad_outputs[0]});
+    return {hidden.grad(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// Non-reentrant flavour: the adapters are explicit inputs, so gradients flow to them whether or not
+// the block input requires grad, and no input-embedding hook is needed.
+struct NonReentrantBlockCheckpoint : public torch::autograd::Function<NonReentrantBlockCheckpoint> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* context, torch::Tensor hidden, int64_t index,
+                               int64_t model_address, torch::autograd::variable_list adapter_parameters) {
+    auto* model = reinterpret_cast<LlamaModelImpl*>(model_address);
+    context->save_for_backward({hidden});
+    context->saved_data["index"] = index;
+    context->saved_data["model"] = model_address;
+    context->saved_data["hidden_requires_grad"] = hidden.requires_grad();
+    context->saved_data["adapter_count"] = static_cast<int64_t>(adapter_parameters.size());
+    torch::NoGradGuard no_grad;
+    return model->run_block(static_cast<size_t>(index), hidden);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
+                                                 torch::autograd::variable_list grad_outputs) {
+    auto* model = reinterpret_cast<LlamaModelImpl*>(context->saved_data["model"].toInt());
+    const auto index = static_cast<size_t>(context->saved_data["index"].toInt());
+    const bool hidden_requires_grad = context->saved_data["hidden_requires_grad"].toBool();
+    auto hidden = context->get_saved_variables()[0].detach().requires_grad_(hidden_requires_grad);
+    torch::Tensor output;
+    torch::autograd::variable_list inputs;
+    {
+      torch::AutoGradMode enable_grad(true);
+      output = model->run_block(index, hidden);
+    }
+    if (index > 0) model->prefetch_block(index - 1);
+    if (hidden_requires_grad) inputs.push_back(hidden);
+    for (const auto& parameter : model->block_lora_parameters(index)) inputs.push_back(parameter);
+    auto grads = torch::autograd::grad({output}, inputs, {grad_outputs[0]}, /*retain_graph=*/false,
+                                       /*create_graph=*/false, /*allow_unused=*/true);
+    torch::autograd::variable_list result = {hidden_requires_grad ? grads[0] : torch::Tensor(), torch::Tensor(),
+                                             torch::Tensor()};
+    for (size_t i = hidden_requires_grad ? 1 : 0; i < grads.size(); ++i) result.push_back(grads[i]);
+    return result;
+  }
+};
+
+}  // namespace
+
+torch::Tensor dequantize_gathered(const cluster::GatheredBlock& block, size_t tensor_index, kernels::QuantType type,
+                                  int64_t blocksize, at::IntArrayRef shape) {
+  auto weight = torch::empty(shape, torch::kFloat);
+  float* output = weight.data_ptr<float>();
+  for (const auto& piece : block.pieces(tensor_index))
+    kernels::dequantize_4bit(type, piece.codes, piece.absmax, piece.elements, blocksize, output + piece.element_begin);
+  return weight;
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  auto statistics_input = x.to(torch::kFloat);
+  auto variance = statistics_input.pow(2).mean(-1, /*keepdim=*/true);
+  auto normed = statistics_input * torch::rsqrt(variance + eps);
+  return weight * normed.to(weight.scalar_type());
+}
+
+torch::Tensor rotary_inverse_frequencies(const shard::ModelConfig& config) {
+  const int64_t dim = config.head_dim;
+  auto inverse = torch::empty({dim / 2}, torch::kDouble);
+  auto* values = inverse.data_ptr<double>();
+  for (int64_t i = 0; i < dim / 2; ++i) {
+    double frequency = 1.0 / std::pow(config.rope_theta, static_cast<double>(2 * i) / static_cast<double>(dim));
+    if (config.rope_scaling.type == "llama3") {
+      const auto& scaling = config.rope_scaling;
+      const double original = static_cast<double>(scaling.original_max_position_embeddings);
+      const double low_wavelength = original / scaling.high_freq_factor;
+      const double high_wavelength = original / scaling.low_freq_factor;
+      const double wavelength = 2.0 * M_PI / frequency;
+      if (wavelength > high_wavelength) {
+        frequency = frequency / scaling.factor;
+      } else if (wavelength >= low_wavelength) {
+        const double smooth = (original / wavelength - scaling.low_freq_factor) /
+                              (scaling.high_freq_factor - scaling.low_freq_factor);
+        frequency = (1.0 - smooth) * frequency / scaling.factor + smooth * frequency;
+      }
+    }
+    values[i] = frequency;
+  }
+  return inverse.to(torch::kFloat);
+}
+
+// ---- decoder block -------------------------------------------------------------------------------
+
+DecoderBlockImpl::DecoderBlockImpl(const shard::ModelConfig& config, int64_t layer_index,
+                                   kernels::QuantType quant_type, int64_t blocksize)
+    : layer(layer_index), config_(config), quant_type_(quant_type), blocksize_(blocksize) {}
+
+void DecoderBlockImpl::add_lora(const LoraConfig& config, at::Generator& init_generator) {
+  const auto& names = shard::block_linear_names();
+  for (const auto& target : config.resolved_targets()) {
+    for (const auto& full_name : names) {
+      if (full_name.substr(full_name.find('.') + 1) != target) continue;
+      const auto shape = config_.expected_shape(shard::layer_prefix(layer) + full_name + ".weight");
+      adapters.insert_or_assign(
+          target, register_module("lora_" + target, LoraAdapter(shape[1], shape[0], config, init_generator)));
+    }
+  }
+}
+
+torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
+                                        const cluster::GatheredBlock& weights, at::Generator* dropout_generator) {
+  const auto shape = config_.expected_shape(shard::layer_prefix(layer) + shard::block_linear_names()[tensor_index] +
+                                            ".weight");
+  torch::Tensor output;
+  {
+    // The fp32 weight lives only as long as autograd needs it (not at all under no_grad).
+    auto weight = dequantize_gathered(weights, tensor_index, quant_type_, blocksize_, shape);
+    auto bias = biases.count(name) ? biases.at(name).to(x.scalar_type()) : torch::Tensor();
+    output = torch::linear(x, weight, bias);
+  }
+  auto adapter = adapters.find(name);
+  if (adapter != adapters.end()) output = output + adapter->second->forward(x, dropout_generator);
+  return output;
+}
+
+torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const cluster::GatheredBlock& weights,
+                                        const torch::Tensor& cos, const torch::Tensor& sin,
+                                        at::Generator* dropout_generator) {
+  const int64_t batch = hidden.size(0);
+  const int64_t sequence = hidden.size(1);
+  const int64_t heads = config_.num_attention_heads;
+  const int64_t kv_heads = config_.num_key_value_heads;
+  const int64_t head_dim = config_.head_dim;
+
+  auto normed = rms_norm(hidden, input_layernorm, config_.rms_norm_eps).to(torch::kFloat);
+  auto q = project("q_proj", 0, normed, weights, dropout_generator).view({batch, sequence, heads, head_dim}).transpose(1, 2);
+  auto k = project("k_proj", 1, normed, weights, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
+  auto v = project("v_proj", 2, normed, weights, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
+  q = apply_rotary(q, cos, sin);
+  k = apply_rotary(k, cos, sin);
+  if (kv_heads != heads) {
+    k = k.repeat_interleave(heads / kv_heads, 1);
+    v = v.repeat_interleave(heads / kv_heads, 1);
+  }
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim));
+  auto causal = torch::ones({sequence, sequence}, torch::kBool).triu(1);
+  scores = scores.masked_fill(causal, -std::numeric_limits<float>::infinity());
+  auto attention = torch::matmul(torch::softmax(scores, -1), v);
+  attention = attention.transpose(1, 2).reshape({batch, sequence, heads * head_dim});
+  auto after_attention = hidden + project("o_proj", 3, attention, weights, dropout_generator);
+
+  auto normed_mlp = rms_norm(after_attention, post_attention_layernorm, config_.rms_norm_eps).to(torch::kFloat);
+  auto gate = project("gate_proj", 4, normed_mlp, weights, dropout_generator);
+  auto up = project("up_proj", 5, normed_mlp, weights, dropout_generator);
+  auto mlp = project("down_proj", 6, torch::silu(gate) * up, weights, dropout_generator);
+  return after_attention + mlp;
+}
+
+// ---- model ---------------------------------------------------------------------------------------
+
+LlamaModelImpl::LlamaModelImpl(const shard::ModelStore& store, cluster::Communicator& communicator, int gather_slots)
+    : config_(store.header().config), header_(store.header()), communicator_(communicator) {
+  const int rank = communicator.rank();
+  const int world = communicator.size();
+  const auto quant_type = header_.quant_type == "fp4" ? kernels::QuantType::fp4 : kernels::QuantType::nf4;
+  int64_t quantized_bytes = 0;
+  const int64_t memory_at_start = cluster::MemoryCounter::current_bytes();
+
+  embed_tokens = register_parameter("embed_tokens", read_dense_tensor(store, "model.embed_tokens.weight"), false);
+  final_norm = register_parameter("norm", read_dense_tensor(store, "model.norm.weight"), false);
+  if (config_.tie_word_embeddings)
+    lm_head = embed_tokens;
+  else
+    lm_head = register_parameter("lm_head", read_dense_tensor(store, "lm_head.weight"), false);
+
+  std::vector<cluster::FlatShardLayout> layouts;
+  std::vector<torch::Tensor> segments;
+  for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
+    const std::string prefix = shard::layer_prefix(layer);
+    auto block = DecoderBlock(config_, layer, quant_type, header_.blocksize);
+    block->input_layernorm =
+        block->register_parameter("input_layernorm", read_dense_tensor(store, prefix + "input_layernorm.weight"), false);
+    block->post_attention_layernorm = block->register_parameter(
+        "post_attention_layernorm", read_dense_tensor(store, prefix + "post_attention_layernorm.weight"), false);
+    if (config_.attention_bias) {
+      for (const char* projection : {"q_proj", "k_proj", "v_proj"}) {
+        block->biases[projection] = block->register_parameter(
+            std::string(projection) + "_bias", read_dense_tensor(store, prefix + "self_attn." + projection + ".bias"),
+            false);
+      }
+    }
+    std::vector<cluster::QuantizedTensorSpec> specs;
+    for (const auto& linear : shard::block_linear_names()) {
+      const std::string name = prefix + linear + ".weight";
+      specs.push_back({name, store.tensor(name).numel});
+    }
+    cluster::FlatShardLayout layout(specs, header_.blocksize, world);
+    const int64_t before_segment = cluster::MemoryCounter::current_bytes();
+    auto segment = torch::zeros({layout.segment_bytes(rank)}, torch::kUInt8);
+    quantized_bytes += cluster::MemoryCounter::current_bytes() - before_segment;
+    uint8_t* base = segment.data_ptr<uint8_t>();
+    for (size_t t = 0; t < specs.size(); ++t) {
+      const shard::ShardRange& range = layout.range(rank, t);
+      store.read_codes(specs[t].name, range, base + layout.codes_offset(rank, t));
+      store.read_absmax(specs[t].name, range, reinterpret_cast<float*>(base + layout.absmax_offset(rank, t)));
+    }
+    block->register_buffer("quantized_shard", segment);
+    layouts.push_back(std::move(layout));
+    segments.push_back(segment);
+    blocks_.push_back(register_module("layers_" + std::to_string(layer), block));
+  }
+  const int64_t before_pool = cluster::MemoryCounter::current_bytes();
+  gatherer_ = std::make_unique<cluster::BlockGatherer>(communicator_, std::move(layouts), std::move(segments),
+                                                       gather_slots);
+  load_memory_.gather_pool = cluster::MemoryCounter::current_bytes() - before_pool;
+  load_memory_.quantized = quantized_bytes;
+  load_memory_.replicated = before_pool - memory_at_start - quantized_bytes;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> LlamaModelImpl::named_model_parameters() {
+  std::vector<std::pair<std::string, torch::Tensor>> named = {{"model.embed_tokens.weight", embed_tokens}};
+  for (const auto& block : blocks_) {
+    const std::string prefix = shard::layer_prefix(block->layer);
+    named.emplace_back(prefix + "input_layernorm.weight", block->input_layernorm);
+    named.emplace_back(prefix + "post_attention_layernorm.weight", block->post_attention_layernorm);
+    for (const auto& [projection, bias] : block->biases) named.emplace_back(prefix + "self_attn." + projection + ".bias", bias);
+  }
+  named.emplace_back("model.norm.weight", final_norm);
+  if (!config_.tie_word_embeddings) named.emplace_back("lm_head.weight", lm_head);
+  for (auto& entry : named_lora_parameters()) named.push_back(std::move(entry));
+  return named;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> LlamaModelImpl::named_lora_parameters() {
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  for (const auto& block : blocks_) {
+    for (const auto& full_name : shard::block_linear_names()) {
+      const std::string projection = full_name.substr(full_name.find('.') + 1);
+      auto adapter = block->adapters.find(projection);
+      if (adapter == block->adapters.end()) continue;
+      const std::string module = "base_model.model." + shard::layer_prefix(block->layer) + full_name;
+      named.emplace_back(module + ".lora_A.weight", adapter->second->lora_A);
+      named.emplace_back(module + ".lora_B.weight", adapter->second->lora_B);
+    }
+  }
+  return named;
+}
+
+std::vector<torch::Tensor> LlamaModelImpl::lora_parameters() {
+  std::vector<torch::Tensor> parameters;
+  for (auto& [name, parameter] : named_lora_parameters()) parameters.push_back(parameter);
+  return parameters;
+}
+
+std::vector<torch::Tensor> LlamaModelImpl::block_lora_parameters(size_t index) {
+  std::vector<torch::Tensor> parameters;
+  for (const auto& full_name : shard::block_linear_names()) {
+    auto adapter = blocks_[index]->adapters.find(full_name.substr(full_name.find('.') + 1));
+    if (adapter == blocks_[index]->adapters.end()) continue;
+    parameters.push_back(adapter->second->lora_A);
+    parameters.push_back(adapter->second->lora_B);
+  }
+  return parameters;
+}
+
+void LlamaModelImpl::add_lora(const LoraConfig& config, uint64_t seed) {
+  lora_config_ = config;
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  for (auto& block : blocks_) block->add_lora(config, generator);
+  lora_attached_ = !named_lora_parameters().empty();
+}
+
+void LlamaModelImpl::ensure_rotary_tables(int64_t sequence_length) {
+  if (rotary_cos_.defined() && rotary_cos_.size(0) >= sequence_length) return;
+  auto inverse = rotary_inverse_frequencies(config_);
+  auto positions = torch::arange(sequence_length, torch::kFloat);
+  auto frequencies = torch::outer(positions, inverse);
+  auto angles = torch::cat({frequencies, frequencies}, -1);
+  rotary_cos_ = angles.cos();
+  rotary_sin_ = angles.sin();
+}
+
+torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidden) {
+  const int64_t sequence = hidden.size(1);
+  const cluster::GatheredBlock weights = gatherer_->acquire(index);
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(
+      mix_seed(dropout_seed_ ^ mix_seed(index * 1000003ull + static_cast<uint64_t>(communicator_.rank()))));
+  auto cos = rotary_cos_.narrow(0, 0, sequence);
+  auto sin = rotary_sin_.narrow(0, 0, sequence);
+  return blocks_[index]->forward(hidden, weights, cos, sin, &generator);
+}
+
+torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {
+  ensure_rotary_tables(tokens.size(1));
+  auto hidden = torch::embedding(embed_tokens, tokens).to(torch::kFloat);
+  if (input_require_grads_) hidden.requires_grad_(true);
+  const int64_t model_address = reinterpret_cast<int64_t>(this);
+  for (size_t index = 0; index < blocks_.size(); ++index) {
+    if (checkpointing_.enabled && is_training() && torch::GradMode::is_enabled()) {
+      gatherer_->acquire(index);  // gather now so the prefetch below overlaps this block's compute
+      if (index + 1 < blocks_.size()) gatherer_->prefetch(index + 1);
+      if (checkpointing_.reentrant) {
+        hidden = ReentrantBlockCheckpoint::apply(hidden, static_cast<int64_t>(index), model_address);
+      } else {
+        hidden = NonReentrantBlockCheckpoint::apply(hidden, static_cast<int64_t>(index), model_address,
+                                                    block_lora_parameters(index));
+      }
+    } else {
+      gatherer_->acquire(index);
+      if (index + 1 < blocks_.size()) gatherer_->prefetch(index + 1);
+      hidden = run_block(index, hidden);
+    }
+  }
+  auto normed = rms_norm(hidden, final_norm, config_.rms_norm_eps).to(torch::kFloat);
+  return torch::linear(normed, lm_head.to(torch::kFloat));
+}
+
+}  // namespace qlora::model

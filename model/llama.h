@@ -1,0 +1,134 @@
+// The Llama-family decoder on LibTorch: each rank holds its 4-bit shard of every block's linear
+// weights, gathers a block just before it runs (prefetching the next one), dequantizes each linear
+// into a temporary fp32 weight, and adds LoRA on the targeted projections. Norms, embeddings and LM
+// head are replicated in their stored dtype until the preparation protocol upcasts them.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cluster/block_gather.h"
+#include "cluster/communicator.h"
+#include "model/lora.h"
+#include "shard/model_store.h"
+
+namespace qlora::model {
+
+// Thrown for model/adapter combinations a user asked for that cannot work (bad target, ...).
+struct ModelError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+class LlamaModelImpl;
+
+class DecoderBlockImpl : public torch::nn::Module {
+ public:
+  DecoderBlockImpl(const shard::ModelConfig& config, int64_t layer, kernels::QuantType quant_type, int64_t blocksize);
+  torch::Tensor forward(const torch::Tensor& hidden, const cluster::GatheredBlock& weights,
+                        const torch::Tensor& cos, const torch::Tensor& sin, at::Generator* dropout_generator);
+  void add_lora(const LoraConfig& config, at::Generator& init_generator);
+
+  int64_t layer;
+  torch::Tensor input_layernorm;
+  torch::Tensor post_attention_layernorm;
+  std::map<std::string, torch::Tensor> biases;     // "q_proj" -> bias, when the config has them
+  std::map<std::string, LoraAdapter> adapters;     // "q_proj" -> adapter
+
+ private:
+  torch::Tensor project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
+                        const cluster::GatheredBlock& weights, at::Generator* dropout_generator);
+  shard::ModelConfig config_;
+  kernels::QuantType quant_type_;
+  int64_t blocksize_;
+};
+TORCH_MODULE(DecoderBlock);
+
+struct CheckpointingMode {
+  bool enabled = false;
+  bool reentrant = true;
+};
+
+class LlamaModelImpl : public torch::nn::Module {
+ public:
+  // Reads the replicated tensors and this rank's shard of every quantized one from `store`.
+  LlamaModelImpl(const shard::ModelStore& store, cluster::Communicator& communicator, int gather_slots = 2);
+
+  // tokens: int64 [batch, seq] -> logits fp32 [batch, seq, vocab].
+  torch::Tensor forward(const torch::Tensor& tokens);
+
+  const shard::ModelConfig& config() const { return config_; }
+  const shard::StoreHeader& store_header() const { return header_; }
+  cluster::BlockGatherer& gatherer() { return *gatherer_; }
+
+  // Every floating parameter under its Hugging Face name (LoRA under PEFT's
+  // "base_model.model.<module>.lora_A.weight" naming once adapters exist).
+  std::vector<std::pair<std::string, torch::Tensor>> named_model_parameters();
+  std::vector<std::pair<std::string, torch::Tensor>> named_lora_parameters();
+  std::vector<torch::Tensor> lora_parameters();
+  std::vector<torch::Tensor> block_lora_parameters(size_t index);
+  bool has_adapters() const { return !lora_config_.target_modules.empty() && lora_attached_; }
+  const LoraConfig& lora_config() const { return lora_config_; }
+
+  void add_lora(const LoraConfig& config, uint64_t seed);
+  void set_gradient_checkpointing(CheckpointingMode mode) { checkpointing_ = mode; }
+  CheckpointingMode gradient_checkpointing() const { return checkpointing_; }
+  // The preparation protocol's "make the input embeddings' output require grad" hook: LibTorch has
+  // no forward hooks, so the embedding honours this flag instead.
+  void set_input_require_grads(bool enabled) { input_require_grads_ = enabled; }
+  bool input_require_grads() const { return input_require_grads_; }
+  // Dropout masks are a function of (seed, step, block, rank) so a recomputed block sees the same.
+  void set_dropout_seed(uint64_t seed) { dropout_seed_ = seed; }
+
+  // Runs block `index` on `hidden` (gathering its weights); used by the checkpoint function.
+  torch::Tensor run_block(size_t index, const torch::Tensor& hidden);
+  void prefetch_block(size_t index) { gatherer_->prefetch(index); }
+  size_t block_count() const { return blocks_.size(); }
+
+  // Allocator deltas measured while loading (zero unless the counting allocator is installed).
+  struct LoadMemory {
+    int64_t replicated = 0;   // embeddings, norms, LM head, biases as stored
+    int64_t quantized = 0;    // this rank's 4-bit segments
+    int64_t gather_pool = 0;  // gathered-block slots
+  };
+  const LoadMemory& load_memory() const { return load_memory_; }
+
+  torch::Tensor embed_tokens;
+  torch::Tensor final_norm;
+  torch::Tensor lm_head;       // aliases embed_tokens when tied
+
+ private:
+  void ensure_rotary_tables(int64_t sequence_length);
+
+  shard::ModelConfig config_;
+  shard::StoreHeader header_;
+  cluster::Communicator& communicator_;
+  std::vector<DecoderBlock> blocks_;
+  std::unique_ptr<cluster::BlockGatherer> gatherer_;
+  LoraConfig lora_config_;
+  bool lora_attached_ = false;
+  CheckpointingMode checkpointing_;
+  bool input_require_grads_ = false;
+  uint64_t dropout_seed_ = 0;
+  LoadMemory load_memory_;
+  torch::Tensor rotary_cos_;
+  torch::Tensor rotary_sin_;
+};
+TORCH_MODULE(LlamaModel);
+
+// Dequantizes one tensor of a gathered block into a new fp32 tensor of `shape`.
+torch::Tensor dequantize_gathered(const cluster::GatheredBlock& block, size_t tensor_index, kernels::QuantType type,
+                                  int64_t blocksize, at::IntArrayRef shape);
+
+// HF-style RMSNorm: fp32 statistics, then weight * normed cast to the weight's dtype.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+
+// Rotary inverse frequencies, llama3 scaling applied when configured.
+torch::Tensor rotary_inverse_frequencies(const shard::ModelConfig& config);
+
+}  // namespace qlora::model

@@ -1,0 +1,199 @@
+// Conversion into the 4-bit store: decoder-block linear weights are quantized (NF4/FP4, bitsandbytes
+// layout); embeddings, norms and the LM head keep their source dtype, as transformers does.
+#include "shard/converter.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <vector>
+
+#include "kernels/dtype.h"
+#include "kernels/nf4.h"
+#include "shard/safetensors.h"
+
+namespace qlora::shard {
+namespace {
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t numel = 1;
+  for (int64_t dim : shape) numel *= dim;
+  return numel;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
+
+StoreHeader header_for(const ModelConfig& config, const ConvertOptions& options, const std::string& source,
+                       const std::string& tokenizer) {
+  StoreHeader header;
+  header.config = config;
+  header.quant_method = "bnb-4bit";
+  header.quant_type = options.quant_type == kernels::QuantType::nf4 ? "nf4" : "fp4";
+  header.blocksize = options.blocksize;
+  header.double_quant = false;
+  header.compute_dtype = "float32";
+  header.tokenizer = tokenizer;
+  header.source = source;
+  return header;
+}
+
+void validate_blocksize(int64_t blocksize) {
+  if (blocksize < 32 || blocksize > 4096 || (blocksize & (blocksize - 1)) != 0)
+    throw FormatError("blocksize " + std::to_string(blocksize) + " is not a power of two in [32, 4096]");
+}
+
+// Quantizes one fp32 tensor and appends it to the store; refuses non-finite weights by name.
+void write_quantized(ModelStoreWriter& writer, const std::string& name, const std::vector<int64_t>& shape,
+                     kernels::DType source_dtype, const std::vector<float>& values, const ConvertOptions& options,
+                     const std::string& source, ConvertSummary& summary) {
+  const int64_t numel = static_cast<int64_t>(values.size());
+  for (int64_t i = 0; i < numel; ++i) {
+    if (!std::isfinite(values[i]))
+      throw FormatError(source + ": tensor '" + name + "' contains " + (std::isnan(values[i]) ? "NaN" : "Inf") +
+                        " at element " + std::to_string(i) + "; refusing to quantize it");
+  }
+  std::vector<uint8_t> codes(kernels::packed_byte_count(numel));
+  std::vector<float> absmax(kernels::quant_block_count(numel, options.blocksize));
+  kernels::quantize_4bit(options.quant_type, values.data(), numel, options.blocksize, codes.data(), absmax.data());
+  writer.add_quantized(name, shape, source_dtype, codes.data(), absmax.data());
+  summary.quantized_parameters += numel;
+  summary.store_bytes += codes.size() + absmax.size() * sizeof(float);
+}
+
+}  // namespace
+
+ModelConfig synthetic_config(const std::string& preset) {
+  ModelConfig config;
+  config.architecture = "llama";
+  config.num_attention_heads = 8;
+  config.num_key_value_heads = 4;
+  config.vocab_size = 512;
+  config.max_position_embeddings = 1024;
+  config.rms_norm_eps = 1e-5;
+  config.rope_theta = 10000.0;
+  config.tie_word_embeddings = false;
+  config.torch_dtype = "bfloat16";
+  if (preset == "tiny") {
+    config.hidden_size = 256;
+    config.intermediate_size = 688;
+    config.num_hidden_layers = 4;
+  } else if (preset == "small") {
+    config.hidden_size = 512;
+    config.intermediate_size = 1376;
+    config.num_hidden_layers = 8;
+  } else {
+    throw FormatError("unknown synthetic preset '" + preset + "' (known: tiny, small)");
+  }
+  config.head_dim = config.hidden_size / config.num_attention_heads;
+  return config;
+}
+
+ConvertSummary convert_synthetic(const std::string& preset, const std::string& out_path,
+                                 const ConvertOptions& options, const ConvertProgress& progress) {
+  validate_blocksize(options.blocksize);
+  const auto start = std::chrono::steady_clock::now();
+  const ModelConfig config = synthetic_config(preset);
+  ModelStoreWriter writer(out_path, header_for(config, options, "synthetic:" + preset, "bytes"));
+  std::mt19937_64 generator(options.seed);
+  Fnv1a64 checksum;
+  ConvertSummary summary;
+  const auto names = config.tensor_names();
+  for (const auto& name : names) {
+    const std::vector<int64_t> shape = config.expected_shape(name);
+    const int64_t numel = numel_of(shape);
+    // Scales chosen so activations and logits start O(1): embeddings unit variance, linears
+    // 1/sqrt(fan_in), norms one. A random base is enough for the machinery; it is not a language model.
+    const bool is_norm = shape.size() == 1;
+    const double std_dev = name == "model.embed_tokens.weight" ? 1.0 : 1.0 / std::sqrt(double(shape.back()));
+    std::normal_distribution<float> normal(0.0f, static_cast<float>(std_dev));
+    std::vector<float> values(numel);
+    for (auto& value : values) value = is_norm ? 1.0f : normal(generator);
+    if (ModelConfig::is_block_linear(name)) {
+      // The synthetic checkpoint "is" bf16, as real ones are: round first, then quantize.
+      for (auto& value : values) value = kernels::bf16_to_float(kernels::float_to_bf16(value));
+      checksum.update(values.data(), values.size() * sizeof(float));
+      write_quantized(writer, name, shape, kernels::DType::bf16, values, options, "synthetic:" + preset, summary);
+    } else {
+      std::vector<uint16_t> bf16(numel);
+      for (int64_t i = 0; i < numel; ++i) bf16[i] = kernels::float_to_bf16(values[i]);
+      checksum.update(bf16.data(), bf16.size() * sizeof(uint16_t));
+      writer.add_dense(name, shape, kernels::DType::bf16, bf16.data());
+      summary.store_bytes += bf16.size() * sizeof(uint16_t);
+    }
+    summary.parameters += numel;
+    summary.source_bytes += numel * 2;
+    ++summary.tensors;
+    if (progress) progress(summary.tensors, static_cast<int64_t>(names.size()), name);
+  }
+  writer.set_source_checksum(checksum.hex());
+  writer.finish();
+  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return summary;
+}
+
+ConvertSummary convert_hf_directory(const std::string& directory, const std::string& out_path,
+                                    const ConvertOptions& options, const ConvertProgress& progress) {
+  validate_blocksize(options.blocksize);
+  const auto start = std::chrono::steady_clock::now();
+  const std::string config_path = (std::filesystem::path(directory) / "config.json").string();
+  std::ifstream config_file(config_path, std::ios::binary);
+  if (!config_file) throw FormatError(config_path + ": cannot read (is --from a Hugging Face model folder?)");
+  std::stringstream config_text;
+  config_text << config_file.rdbuf();
+  Json config_json;
+  try {
+    config_json = Json::parse(config_text.str());
+  } catch (const JsonError& error) {
+    throw FormatError(config_path + ": invalid JSON: " + error.what());
+  }
+  const ModelConfig config = ModelConfig::from_json(config_json, config_path);
+  if (config_json.contains("quantization_config"))
+    throw FormatError(config_path + ": the checkpoint is already quantized; importing pre-quantized checkpoints "
+                      "is not supported yet (convert the 16-bit original)");
+  auto checkpoint = SafetensorsCheckpoint::open_directory(directory);
+
+  ModelStoreWriter writer(out_path, header_for(config, options, std::filesystem::path(directory).filename().string(),
+                                               "none"));
+  Fnv1a64 checksum;
+  ConvertSummary summary;
+  const auto names = config.tensor_names();
+  for (const auto& name : names) {
+    const SafetensorsEntry& entry = checkpoint->entry(name);
+    const std::string where = checkpoint->file_of(name).path() + ": tensor '" + name + "'";
+    const auto expected = config.expected_shape(name);
+    if (entry.shape != expected)
+      throw FormatError(where + " has shape " + shape_text(entry.shape) + " but config.json implies " +
+                        shape_text(expected));
+    if (!entry.dtype_known || (entry.dtype != kernels::DType::f32 && entry.dtype != kernels::DType::f16 &&
+                               entry.dtype != kernels::DType::bf16))
+      throw FormatError(where + " has dtype " + entry.dtype_code + "; expected F32, F16 or BF16");
+    const uint8_t* data = checkpoint->data(name);
+    const int64_t numel = entry.numel();
+    checksum.update(data, entry.end - entry.begin);
+    if (ModelConfig::is_block_linear(name)) {
+      std::vector<float> values(numel);
+      kernels::convert_to_float(entry.dtype, data, numel, values.data());
+      write_quantized(writer, name, entry.shape, entry.dtype, values, options, checkpoint->file_of(name).path(),
+                      summary);
+    } else {
+      writer.add_dense(name, entry.shape, entry.dtype, data);
+      summary.store_bytes += entry.end - entry.begin;
+    }
+    summary.parameters += numel;
+    summary.source_bytes += entry.end - entry.begin;
+    ++summary.tensors;
+    if (progress) progress(summary.tensors, static_cast<int64_t>(names.size()), name);
+  }
+  writer.set_source_checksum(checksum.hex());
+  writer.finish();
+  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return summary;
+}
+
+}  // namespace qlora::shard

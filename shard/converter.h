@@ -1,0 +1,40 @@
+// Writes model.h5 from a Hugging Face safetensors checkpoint or from a synthetic random model,
+// streaming one tensor at a time so peak memory stays near the largest tensor.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "shard/model_store.h"
+
+namespace qlora::shard {
+
+struct ConvertOptions {
+  kernels::QuantType quant_type = kernels::QuantType::nf4;
+  int64_t blocksize = 64;
+  uint64_t seed = 1234;   // synthetic models only
+};
+
+struct ConvertSummary {
+  int64_t tensors = 0;
+  int64_t parameters = 0;
+  int64_t quantized_parameters = 0;
+  uint64_t source_bytes = 0;
+  uint64_t store_bytes = 0;     // tensor data written (codes + absmax + dense)
+  double seconds = 0.0;
+};
+
+// Presets for `--synthetic`: "tiny" (4 layers, hidden 256, 8 heads, 4 KV heads, vocab 512) and
+// "small" (8 layers, hidden 512). Throws FormatError for an unknown name.
+ModelConfig synthetic_config(const std::string& preset);
+
+// Called after each tensor with (tensors done, tensors total, name) for progress display.
+using ConvertProgress = std::function<void(int64_t, int64_t, const std::string&)>;
+
+ConvertSummary convert_synthetic(const std::string& preset, const std::string& out_path,
+                                 const ConvertOptions& options, const ConvertProgress& progress = {});
+ConvertSummary convert_hf_directory(const std::string& directory, const std::string& out_path,
+                                    const ConvertOptions& options, const ConvertProgress& progress = {});
+
+}  // namespace qlora::shard

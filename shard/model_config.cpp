@@ -1,0 +1,158 @@
+// Reads and validates Llama-family config.json fields and derives the tensor inventory from them.
+#include "shard/model_config.h"
+
+#include "shard/safetensors.h"
+
+namespace qlora::shard {
+
+const std::vector<std::string>& block_linear_names() {
+  static const std::vector<std::string> names = {
+      "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+      "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+  return names;
+}
+
+std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
+
+ModelConfig ModelConfig::from_json(const Json& json, const std::string& source) {
+  if (!json.is_object()) throw FormatError(source + ": the model config is not a JSON object");
+  ModelConfig config;
+  auto required = [&](const char* key) -> int64_t {
+    if (!json.contains(key)) throw FormatError(source + ": missing field '" + key + "'");
+    const Json& value = json.at(key);
+    if (!value.is_number() || value.as_double() <= 0)
+      throw FormatError(source + ": field '" + key + "' must be a positive integer");
+    return value.as_int();
+  };
+  try {
+    config.architecture = json.get_string("model_type", "llama");
+    if (config.architecture != "llama" && config.architecture != "mistral" && config.architecture != "qwen2")
+      throw FormatError(source + ": unsupported model_type '" + config.architecture +
+                        "' (supported: llama, mistral, qwen2)");
+    config.hidden_size = required("hidden_size");
+    config.intermediate_size = required("intermediate_size");
+    config.num_hidden_layers = required("num_hidden_layers");
+    config.num_attention_heads = required("num_attention_heads");
+    config.num_key_value_heads = json.get_int("num_key_value_heads", config.num_attention_heads);
+    config.head_dim = json.contains("head_dim") && !json.at("head_dim").is_null()
+                          ? json.at("head_dim").as_int()
+                          : config.hidden_size / config.num_attention_heads;
+    config.vocab_size = required("vocab_size");
+    config.max_position_embeddings = json.get_int("max_position_embeddings", 2048);
+    config.rms_norm_eps = json.get_double("rms_norm_eps", 1e-5);
+    config.rope_theta = json.get_double("rope_theta", 10000.0);
+    config.tie_word_embeddings = json.get_bool("tie_word_embeddings", false);
+    config.attention_bias = json.get_bool("attention_bias", config.architecture == "qwen2");
+    config.torch_dtype = json.get_string("torch_dtype", "bfloat16");
+    if (json.contains("rope_scaling") && json.at("rope_scaling").is_object()) {
+      const Json& scaling = json.at("rope_scaling");
+      config.rope_scaling.type = scaling.get_string("rope_type", scaling.get_string("type", ""));
+      if (config.rope_scaling.type == "default") config.rope_scaling.type.clear();
+      if (!config.rope_scaling.type.empty() && config.rope_scaling.type != "llama3")
+        throw FormatError(source + ": unsupported rope_scaling type '" + config.rope_scaling.type + "'");
+      config.rope_scaling.factor = scaling.get_double("factor", 8.0);
+      config.rope_scaling.low_freq_factor = scaling.get_double("low_freq_factor", 1.0);
+      config.rope_scaling.high_freq_factor = scaling.get_double("high_freq_factor", 4.0);
+      config.rope_scaling.original_max_position_embeddings =
+          scaling.get_int("original_max_position_embeddings", 8192);
+    }
+  } catch (const JsonError& error) {
+    throw FormatError(source + ": " + error.what());
+  }
+  if (config.num_attention_heads % config.num_key_value_heads != 0)
+    throw FormatError(source + ": num_attention_heads (" + std::to_string(config.num_attention_heads) +
+                      ") is not a multiple of num_key_value_heads (" +
+                      std::to_string(config.num_key_value_heads) + ")");
+  if (config.head_dim % 2 != 0) throw FormatError(source + ": head_dim must be even for rotary embeddings");
+  return config;
+}
+
+Json ModelConfig::to_json() const {
+  Json json;
+  json["model_type"] = architecture;
+  json["architectures"] = Json::Array{Json(architecture == "qwen2"     ? "Qwen2ForCausalLM"
+                                           : architecture == "mistral" ? "MistralForCausalLM"
+                                                                        : "LlamaForCausalLM")};
+  json["hidden_size"] = hidden_size;
+  json["intermediate_size"] = intermediate_size;
+  json["num_hidden_layers"] = num_hidden_layers;
+  json["num_attention_heads"] = num_attention_heads;
+  json["num_key_value_heads"] = num_key_value_heads;
+  json["head_dim"] = head_dim;
+  json["vocab_size"] = vocab_size;
+  json["max_position_embeddings"] = max_position_embeddings;
+  json["rms_norm_eps"] = rms_norm_eps;
+  json["rope_theta"] = rope_theta;
+  json["tie_word_embeddings"] = tie_word_embeddings;
+  json["attention_bias"] = attention_bias;
+  json["torch_dtype"] = torch_dtype;
+  if (!rope_scaling.type.empty()) {
+    Json scaling;
+    scaling["rope_type"] = rope_scaling.type;
+    scaling["factor"] = rope_scaling.factor;
+    scaling["low_freq_factor"] = rope_scaling.low_freq_factor;
+    scaling["high_freq_factor"] = rope_scaling.high_freq_factor;
+    scaling["original_max_position_embeddings"] = rope_scaling.original_max_position_embeddings;
+    json["rope_scaling"] = scaling;
+  }
+  return json;
+}
+
+std::vector<std::string> ModelConfig::tensor_names() const {
+  std::vector<std::string> names = {"model.embed_tokens.weight"};
+  for (int64_t layer = 0; layer < num_hidden_layers; ++layer) {
+    const std::string prefix = layer_prefix(layer);
+    names.push_back(prefix + "input_layernorm.weight");
+    names.push_back(prefix + "post_attention_layernorm.weight");
+    for (const auto& linear : block_linear_names()) {
+      names.push_back(prefix + linear + ".weight");
+      if (attention_bias && (linear == "self_attn.q_proj" || linear == "self_attn.k_proj" ||
+                             linear == "self_attn.v_proj"))
+        names.push_back(prefix + linear + ".bias");
+    }
+  }
+  names.push_back("model.norm.weight");
+  if (!tie_word_embeddings) names.push_back("lm_head.weight");
+  return names;
+}
+
+namespace {
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+}  // namespace
+
+std::vector<int64_t> ModelConfig::expected_shape(const std::string& name) const {
+  const int64_t q_width = num_attention_heads * head_dim;
+  const int64_t kv_width = num_key_value_heads * head_dim;
+  if (name == "model.embed_tokens.weight" || name == "lm_head.weight") return {vocab_size, hidden_size};
+  if (ends_with(name, "norm.weight")) return {hidden_size};
+  if (ends_with(name, "q_proj.weight")) return {q_width, hidden_size};
+  if (ends_with(name, "k_proj.weight") || ends_with(name, "v_proj.weight")) return {kv_width, hidden_size};
+  if (ends_with(name, "q_proj.bias")) return {q_width};
+  if (ends_with(name, "k_proj.bias") || ends_with(name, "v_proj.bias")) return {kv_width};
+  if (ends_with(name, "o_proj.weight")) return {hidden_size, q_width};
+  if (ends_with(name, "gate_proj.weight") || ends_with(name, "up_proj.weight"))
+    return {intermediate_size, hidden_size};
+  if (ends_with(name, "down_proj.weight")) return {hidden_size, intermediate_size};
+  return {};
+}
+
+bool ModelConfig::is_block_linear(const std::string& name) {
+  if (name.rfind("model.layers.", 0) != 0 || !ends_with(name, ".weight")) return false;
+  for (const auto& linear : block_linear_names())
+    if (ends_with(name, "." + linear + ".weight")) return true;
+  return false;
+}
+
+int64_t ModelConfig::parameter_count() const {
+  int64_t total = 0;
+  for (const auto& name : tensor_names()) {
+    int64_t numel = 1;
+    for (int64_t dim : expected_shape(name)) numel *= dim;
+    total += numel;
+  }
+  return total;
+}
+
+}  // namespace qlora::shard
