@@ -80,7 +80,7 @@ BlockGatherer::Slot& BlockGatherer::start_gather(size_t block) {
   // Evict the least recently used slot that is not the block currently in use.
   Slot* victim = nullptr;
   for (auto& slot : slots_) {
-    if (slot.block == pinned_block_ && slots_.size() > 1) continue;
+    if (pinned_block_ >= 0 && slot.block == pinned_block_ && slots_.size() > 1) continue;
     if (victim == nullptr || slot.last_use < victim->last_use) victim = &slot;
   }
   assert(victim != nullptr);

@@ -40,9 +40,10 @@ RankLayout discover_rank_layout(MPI_Comm comm) {
   char host[256] = {0};
   gethostname(host, sizeof host - 1);
   layout.hostname = host;
+  // Informational only: OpenMPI's singleton start sets PMIX_RANK too, so only SLURM_STEP_ID says srun.
   if (std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr)
     layout.launcher = "mpirun";
-  else if (std::getenv("SLURM_STEP_ID") != nullptr || std::getenv("PMIX_RANK") != nullptr)
+  else if (std::getenv("SLURM_STEP_ID") != nullptr)
     layout.launcher = "srun";
   else
     layout.launcher = "single process";

@@ -77,7 +77,7 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
   options.add_options()
       ("help,h", "show this help")
       ("from", po::value<std::string>(), "Hugging Face model folder (config.json + *.safetensors)")
-      ("synthetic", po::value<std::string>(), "write a random model instead: tiny | small")
+      ("synthetic", po::value<std::string>(), "write a random model instead: micro | tiny | small")
       ("out", po::value<std::string>(), "output model store (model.h5)")
       ("quant-type", po::value<std::string>()->default_value("nf4"), "nf4 | fp4")
       ("blocksize", po::value<int64_t>()->default_value(64), "quantization block size (power of two, 32..4096)")
@@ -305,7 +305,7 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
          << "\n  data  " << (train.data_path.empty() ? "embedded Austen excerpt (Pride and Prejudice, ch. 1-6)" : train.data_path)
          << "\n  steps " << train.steps << ", global batch " << train.global_batch << " x " << train.sequence_length
          << " tokens, lr " << train.learning_rate << ", checkpointing " << checkpointing << ", out " << train.out_dir;
-  cluster::log::banner(banner.str());
+  train.banner = banner.str();
   run_training(train, context.communicator);
   return 0;
 }

@@ -175,6 +175,7 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     prepare::check_trainable(*model, result.preparation.method);
   });
   const shard::ModelConfig& config = store->header().config;
+  if (!options.banner.empty()) cluster::log::banner(options.banner);
   cluster::log::banner(result.preparation.summary());
   model->train();
 

@@ -34,6 +34,7 @@ struct TrainOptions {
   int threads = 0;                 // 0: cores / ranks on the node
   bool write_outputs = true;       // tests switch off the run folder
   bool quiet = false;              // no per-step lines
+  std::string banner;              // printed by rank 0 once setup has succeeded everywhere
 };
 
 struct TrainResult {

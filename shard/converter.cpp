@@ -83,12 +83,18 @@ ModelConfig synthetic_config(const std::string& preset) {
     config.hidden_size = 256;
     config.intermediate_size = 688;
     config.num_hidden_layers = 4;
+  } else if (preset == "micro") {
+    config.hidden_size = 64;
+    config.intermediate_size = 172;
+    config.num_hidden_layers = 2;
+    config.num_attention_heads = 4;
+    config.num_key_value_heads = 2;
   } else if (preset == "small") {
     config.hidden_size = 512;
     config.intermediate_size = 1376;
     config.num_hidden_layers = 8;
   } else {
-    throw FormatError("unknown synthetic preset '" + preset + "' (known: tiny, small)");
+    throw FormatError("unknown synthetic preset '" + preset + "' (known: micro, tiny, small)");
   }
   config.head_dim = config.hidden_size / config.num_attention_heads;
   return config;

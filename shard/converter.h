@@ -25,8 +25,8 @@ struct ConvertSummary {
   double seconds = 0.0;
 };
 
-// Presets for `--synthetic`: "tiny" (4 layers, hidden 256, 8 heads, 4 KV heads, vocab 512) and
-// "small" (8 layers, hidden 512). Throws FormatError for an unknown name.
+// Presets for `--synthetic`: "micro" (2 layers, hidden 64, for tests), "tiny" (4 layers, hidden 256,
+// 8 heads, 4 KV heads, vocab 512) and "small" (8 layers, hidden 512). FormatError if unknown.
 ModelConfig synthetic_config(const std::string& preset);
 
 // Called after each tensor with (tensors done, tensors total, name) for progress display.

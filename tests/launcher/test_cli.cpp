@@ -1,0 +1,102 @@
+// The `qlora` binary's contract for mistakes a user can make: one clear message naming the thing,
+// a hint, exit code 2 (never a signal or core dump), and no partial output left behind.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "support/test_support.h"
+
+namespace qlora {
+namespace {
+
+using testing_support::qlora_binary;
+using testing_support::run_command;
+using testing_support::shared_temp_dir;
+using testing_support::synthetic_store;
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+const char* kMpirun = "mpirun --oversubscribe --allow-run-as-root -np 2 ";
+
+TEST(CommandLine, UnknownFlagIsExitCodeTwoWithAHint) {
+  std::string output;
+  EXPECT_EQ(run_command(qlora_binary() + " train --bogus 3", &output), 2) << output;
+  EXPECT_TRUE(contains(output, "--bogus")) << output;
+  EXPECT_TRUE(contains(output, "hint: see `qlora train --help`")) << output;
+  EXPECT_EQ(run_command(qlora_binary() + " frobnicate", &output), 2) << output;
+  EXPECT_TRUE(contains(output, "unknown command 'frobnicate'")) << output;
+}
+
+TEST(CommandLine, MissingModelEndsEveryRankWithOneMessageAndNoOutputFolder) {
+  const std::string out = shared_temp_dir() + "/never-created";
+  std::string output;
+  EXPECT_EQ(run_command(std::string(kMpirun) + qlora_binary() + " train --model /nonexistent/model.h5 --out " + out,
+                        &output),
+            2)
+      << output;
+  EXPECT_TRUE(contains(output, "/nonexistent/model.h5: no such model file")) << output;
+  EXPECT_FALSE(contains(output, "Segmentation")) << output;
+  EXPECT_FALSE(std::filesystem::exists(out));
+}
+
+TEST(CommandLine, MissingOrEmptyDataIsAUserError) {
+  const std::string model = synthetic_store("micro");
+  const std::string out = shared_temp_dir() + "/never-created-data";
+  std::string output;
+  EXPECT_EQ(run_command(qlora_binary() + " train --model " + model + " --data /nonexistent/corpus --out " + out, &output),
+            2)
+      << output;
+  EXPECT_TRUE(contains(output, "no such data file or folder: /nonexistent/corpus")) << output;
+  const std::string empty_folder = shared_temp_dir() + "/empty-corpus";
+  std::filesystem::create_directories(empty_folder);
+  EXPECT_EQ(run_command(qlora_binary() + " train --model " + model + " --data " + empty_folder + " --out " + out, &output),
+            2)
+      << output;
+  EXPECT_TRUE(contains(output, "holds no non-empty .txt")) << output;
+  EXPECT_FALSE(std::filesystem::exists(out));
+}
+
+TEST(CommandLine, WorldLargerThanTheQuantizationBlocksOfATensorIsRefused) {
+  // micro's k_proj holds 32 x 64 = 2048 weights: one block of 4096, so two ranks cannot share it.
+  const std::string model = synthetic_store("micro", 4096);
+  const std::string out = shared_temp_dir() + "/never-created-world";
+  std::string output;
+  EXPECT_EQ(run_command(std::string(kMpirun) + qlora_binary() + " train --model " + model + " --out " + out, &output), 2)
+      << output;
+  EXPECT_TRUE(contains(output, "world size 2 is larger than the 1 quantization blocks of tensor")) << output;
+  EXPECT_TRUE(contains(output, "hint: run with at most 1 ranks")) << output;
+  EXPECT_FALSE(std::filesystem::exists(out));
+}
+
+TEST(CommandLine, ConvertAndInspectWork) {
+  const std::string out = shared_temp_dir() + "/cli-micro.h5";
+  std::string output;
+  ASSERT_EQ(run_command(qlora_binary() + " convert --synthetic micro --out " + out, &output), 0) << output;
+  EXPECT_TRUE(contains(output, "quantized to nf4")) << output;
+  ASSERT_EQ(run_command(qlora_binary() + " inspect " + out + " --world 3", &output), 0) << output;
+  EXPECT_TRUE(contains(output, "shard plan for 3 ranks")) << output;
+  EXPECT_TRUE(contains(output, "model.layers.1.mlp.down_proj.weight")) << output;
+  EXPECT_EQ(run_command(qlora_binary() + " convert --synthetic enormous --out " + out + "2", &output), 2) << output;
+  EXPECT_TRUE(contains(output, "unknown synthetic preset 'enormous'")) << output;
+  EXPECT_FALSE(std::filesystem::exists(out + "2"));
+  EXPECT_EQ(run_command(qlora_binary() + " inspect " + shared_temp_dir() + "/absent.h5", &output), 2) << output;
+}
+
+TEST(CommandLine, TrainsOnTwoRanksAndWritesTheRunFolder) {
+  const std::string model = synthetic_store("micro");
+  const std::string out = shared_temp_dir() + "/cli-run";
+  std::string output;
+  ASSERT_EQ(run_command(std::string(kMpirun) + qlora_binary() + " train --model " + model +
+                            " --steps 3 --seq-len 32 --global-batch 4 --out " + out,
+                        &output),
+            0)
+      << output;
+  EXPECT_TRUE(contains(output, "step    3/3")) << output;
+  EXPECT_TRUE(contains(output, "memory per rank")) << output;
+  EXPECT_TRUE(std::filesystem::exists(out + "/final/adapter_model.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(out + "/final/adapter_config.json"));
+  EXPECT_TRUE(std::filesystem::exists(out + "/memory.json"));
+}
+
+}  // namespace
+}  // namespace qlora

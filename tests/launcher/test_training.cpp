@@ -1,0 +1,91 @@
+// Single-process training: the loss falls on the synthetic model and the shipped text, the run
+// folder holds a PEFT adapter, and the memory report matches the sizes of what it measures.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "cluster/mpi_communicator.h"
+#include "launcher/train.h"
+#include "shard/json.h"
+#include "shard/safetensors.h"
+#include "support/test_support.h"
+
+namespace qlora::launcher {
+namespace {
+
+TEST(Training, LossFallsByAtLeastThirtyPercentOverFiftySteps) {
+  auto communicator = cluster::make_mpi_communicator(MPI_COMM_SELF);
+  TrainOptions options;
+  options.model_path = testing_support::synthetic_store("tiny", 64, MPI_COMM_SELF);
+  options.steps = 50;
+  options.global_batch = 8;
+  options.sequence_length = 64;
+  options.out_dir = testing_support::shared_temp_dir(MPI_COMM_SELF) + "/run";
+  options.quiet = true;
+  const auto result = run_training(options, *communicator);
+  ASSERT_EQ(result.losses.size(), 50u);
+  const double first = result.losses.front();
+  double last_five = 0;
+  for (size_t i = 45; i < 50; ++i) last_five += result.losses[i] / 5.0;
+  EXPECT_GT(first, 5.0) << "a random model starts near ln(512) or above";
+  EXPECT_LT(last_five, 0.7 * first) << "first " << first << ", mean of the last five " << last_five;
+
+  // The run folder: PEFT adapter (safetensors + config), metrics, memory report.
+  auto adapter = shard::SafetensorsFile::open(options.out_dir + "/final/adapter_model.safetensors");
+  const auto* lora_a = adapter->find("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+  ASSERT_NE(lora_a, nullptr);
+  EXPECT_EQ(lora_a->shape, (std::vector<int64_t>{8, 256}));
+  const auto* lora_b = adapter->find("base_model.model.model.layers.3.mlp.down_proj.lora_B.weight");
+  ASSERT_NE(lora_b, nullptr);
+  EXPECT_EQ(lora_b->shape, (std::vector<int64_t>{256, 8}));
+  EXPECT_EQ(adapter->entries().size(), 4u * 7u * 2u);
+  std::ifstream config_file(options.out_dir + "/final/adapter_config.json");
+  std::stringstream config_text;
+  config_text << config_file.rdbuf();
+  const auto config = shard::Json::parse(config_text.str());
+  EXPECT_EQ(config.at("peft_type").as_string(), "LORA");
+  EXPECT_EQ(config.at("r").as_int(), 8);
+  EXPECT_EQ(config.at("lora_alpha").as_double(), 16.0);
+  EXPECT_EQ(config.at("target_modules").size(), 7u);
+  std::ifstream metrics(options.out_dir + "/metrics.jsonl");
+  int lines = 0;
+  for (std::string line; std::getline(metrics, line);) ++lines;
+  EXPECT_EQ(lines, 50);
+  EXPECT_TRUE(std::filesystem::exists(options.out_dir + "/memory.json"));
+}
+
+TEST(Training, MemoryReportMatchesTheSizesOfWhatItMeasures) {
+  auto communicator = cluster::make_mpi_communicator(MPI_COMM_SELF);
+  TrainOptions options;
+  options.model_path = testing_support::synthetic_store("tiny", 64, MPI_COMM_SELF);
+  options.steps = 2;
+  options.global_batch = 4;
+  options.sequence_length = 64;
+  options.write_outputs = false;
+  options.quiet = true;
+  const auto result = run_training(options, *communicator);
+  const auto& memory = result.memory;
+  // tiny: 4 layers x (q 256x256 + k,v 128x256 + o 256x256 + gate,up 688x256 + down 256x688).
+  const double quantized_elements = 4.0 * (2 * 65536 + 2 * 32768 + 3 * 176128);
+  const double expected_shard = quantized_elements / 2 + quantized_elements / 64 * 4;
+  EXPECT_NEAR(memory.quantized_weights / expected_shard, 1.0, 0.05);
+  // fp32 after upcast: embeddings + LM head 2 x 512x256, norms 9 x 256.
+  const double expected_replicated = 4.0 * (2 * 512 * 256 + 9 * 256);
+  EXPECT_NEAR(memory.replicated_parameters / expected_replicated, 1.0, 0.05);
+  // r=8 adapters on all seven projections: A [8, in] + B [out, 8] each, fp32.
+  const double adapter_elements = 4.0 * 8 * ((256 + 256) + (256 + 128) * 2 + (256 + 256) + (256 + 688) * 3);
+  EXPECT_NEAR(memory.adapters / (4 * adapter_elements), 1.0, 0.05);
+  // Gradients: one per adapter element plus the flat reduction buffer; AdamW: two moments.
+  EXPECT_NEAR(memory.gradients / (2 * 4 * adapter_elements), 1.0, 0.05);
+  EXPECT_NEAR(memory.optimizer_state / (2 * 4 * adapter_elements), 1.0, 0.05);
+  EXPECT_EQ(memory.gather_buffers, 0) << "a single rank gathers nothing";
+  EXPECT_GT(memory.forward_activation_peak, 0);
+  EXPECT_GE(memory.backward_activation_peak, memory.forward_activation_peak);
+  EXPECT_GE(memory.peak_total, memory.quantized_weights + memory.replicated_parameters + memory.adapters);
+}
+
+}  // namespace
+}  // namespace qlora::launcher
