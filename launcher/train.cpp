@@ -182,10 +182,11 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
   auto parameters = model->lora_parameters();
   int64_t adapter_parameters = 0;
   for (const auto& parameter : parameters) adapter_parameters += parameter.numel();
-  cluster::log::banner("lora: r=" + std::to_string(options.lora.r) + " alpha=" + std::to_string(options.lora.alpha) +
-                       " dropout=" + std::to_string(options.lora.dropout) + " on " +
-                       std::to_string(parameters.size() / 2) + " projections, " + std::to_string(adapter_parameters) +
-                       " trainable parameters");
+  char lora_line[200];
+  std::snprintf(lora_line, sizeof lora_line, "lora: r=%lld alpha=%g dropout=%g on %zu projections, %lld trainable parameters",
+                static_cast<long long>(options.lora.r), options.lora.alpha, options.lora.dropout, parameters.size() / 2,
+                static_cast<long long>(adapter_parameters));
+  cluster::log::banner(lora_line);
 
   const int64_t before_bucket = cluster::MemoryCounter::current_bytes();
   GradientBucket bucket(parameters);
