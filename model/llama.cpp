@@ -115,6 +115,28 @@ struct NonReentrantBlockCheckpoint : public torch::autograd::Function<NonReentra
   }
 };
 
+// A frozen 4-bit linear, y = x W^T. Like bitsandbytes' MatMul4Bit it keeps no fp32 weight for
+// backward: the weight exists only while one product needs it, and backward dequantizes it again
+// (grad_x = grad_y W; W is frozen, so x is not saved either).
+struct FrozenQuantizedLinear : public torch::autograd::Function<FrozenQuantizedLinear> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* context, torch::Tensor x, int64_t block_address,
+                               int64_t tensor_index) {
+    auto* block = reinterpret_cast<DecoderBlockImpl*>(block_address);
+    context->saved_data["block"] = block_address;
+    context->saved_data["tensor"] = tensor_index;
+    return torch::matmul(x, block->dequantize_weight(static_cast<size_t>(tensor_index)).t());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
+                                                 torch::autograd::variable_list grad_outputs) {
+    auto* block = reinterpret_cast<DecoderBlockImpl*>(context->saved_data["block"].toInt());
+    const auto tensor_index = static_cast<size_t>(context->saved_data["tensor"].toInt());
+    auto grad_input = torch::matmul(grad_outputs[0], block->dequantize_weight(tensor_index));
+    block->prefetch_previous_block();
+    return {grad_input, torch::Tensor(), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 torch::Tensor dequantize_gathered(const cluster::GatheredBlock& block, size_t tensor_index, kernels::QuantType type,
@@ -176,25 +198,25 @@ void DecoderBlockImpl::add_lora(const LoraConfig& config, at::Generator& init_ge
   }
 }
 
-torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
-                                        const cluster::GatheredBlock& weights, at::Generator* dropout_generator) {
+torch::Tensor DecoderBlockImpl::dequantize_weight(size_t tensor_index) {
   const auto shape = config_.expected_shape(shard::layer_prefix(layer) + shard::block_linear_names()[tensor_index] +
                                             ".weight");
-  torch::Tensor output;
-  {
-    // The fp32 weight lives only as long as autograd needs it (not at all under no_grad).
-    auto weight = dequantize_gathered(weights, tensor_index, quant_type_, blocksize_, shape);
-    auto bias = biases.count(name) ? biases.at(name).to(x.scalar_type()) : torch::Tensor();
-    output = torch::linear(x, weight, bias);
-  }
+  const cluster::GatheredBlock weights = gatherer_->acquire(static_cast<size_t>(layer));
+  return dequantize_gathered(weights, tensor_index, quant_type_, blocksize_, shape);
+}
+
+torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
+                                        at::Generator* dropout_generator) {
+  auto output = FrozenQuantizedLinear::apply(x, reinterpret_cast<int64_t>(this), static_cast<int64_t>(tensor_index));
+  auto bias = biases.find(name);
+  if (bias != biases.end()) output = output + bias->second.to(output.scalar_type());
   auto adapter = adapters.find(name);
   if (adapter != adapters.end()) output = output + adapter->second->forward(x, dropout_generator);
   return output;
 }
 
-torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const cluster::GatheredBlock& weights,
-                                        const torch::Tensor& cos, const torch::Tensor& sin,
-                                        at::Generator* dropout_generator) {
+torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const torch::Tensor& cos,
+                                        const torch::Tensor& sin, at::Generator* dropout_generator) {
   const int64_t batch = hidden.size(0);
   const int64_t sequence = hidden.size(1);
   const int64_t heads = config_.num_attention_heads;
@@ -202,9 +224,9 @@ torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const clust
   const int64_t head_dim = config_.head_dim;
 
   auto normed = rms_norm(hidden, input_layernorm, config_.rms_norm_eps).to(torch::kFloat);
-  auto q = project("q_proj", 0, normed, weights, dropout_generator).view({batch, sequence, heads, head_dim}).transpose(1, 2);
-  auto k = project("k_proj", 1, normed, weights, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
-  auto v = project("v_proj", 2, normed, weights, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
+  auto q = project("q_proj", 0, normed, dropout_generator).view({batch, sequence, heads, head_dim}).transpose(1, 2);
+  auto k = project("k_proj", 1, normed, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
+  auto v = project("v_proj", 2, normed, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
   q = apply_rotary(q, cos, sin);
   k = apply_rotary(k, cos, sin);
   if (kv_heads != heads) {
@@ -216,12 +238,12 @@ torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const clust
   scores = scores.masked_fill(causal, -std::numeric_limits<float>::infinity());
   auto attention = torch::matmul(torch::softmax(scores, -1), v);
   attention = attention.transpose(1, 2).reshape({batch, sequence, heads * head_dim});
-  auto after_attention = hidden + project("o_proj", 3, attention, weights, dropout_generator);
+  auto after_attention = hidden + project("o_proj", 3, attention, dropout_generator);
 
   auto normed_mlp = rms_norm(after_attention, post_attention_layernorm, config_.rms_norm_eps).to(torch::kFloat);
-  auto gate = project("gate_proj", 4, normed_mlp, weights, dropout_generator);
-  auto up = project("up_proj", 5, normed_mlp, weights, dropout_generator);
-  auto mlp = project("down_proj", 6, torch::silu(gate) * up, weights, dropout_generator);
+  auto gate = project("gate_proj", 4, normed_mlp, dropout_generator);
+  auto up = project("up_proj", 5, normed_mlp, dropout_generator);
+  auto mlp = project("down_proj", 6, torch::silu(gate) * up, dropout_generator);
   return after_attention + mlp;
 }
 
@@ -282,6 +304,7 @@ LlamaModelImpl::LlamaModelImpl(const shard::ModelStore& store, cluster::Communic
   gatherer_ = std::make_unique<cluster::BlockGatherer>(communicator_, std::move(layouts), std::move(segments),
                                                        gather_slots);
   load_memory_.gather_pool = cluster::MemoryCounter::current_bytes() - before_pool;
+  for (auto& block : blocks_) block->attach_gatherer(gatherer_.get());
   load_memory_.quantized = quantized_bytes;
   load_memory_.replicated = before_pool - memory_at_start - quantized_bytes;
 }
@@ -351,12 +374,12 @@ void LlamaModelImpl::ensure_rotary_tables(int64_t sequence_length) {
 
 torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidden) {
   const int64_t sequence = hidden.size(1);
-  const cluster::GatheredBlock weights = gatherer_->acquire(index);
+  gatherer_->acquire(index);
   auto generator = at::make_generator<at::CPUGeneratorImpl>(
       mix_seed(dropout_seed_ ^ mix_seed(index * 1000003ull + static_cast<uint64_t>(communicator_.rank()))));
   auto cos = rotary_cos_.narrow(0, 0, sequence);
   auto sin = rotary_sin_.narrow(0, 0, sequence);
-  return blocks_[index]->forward(hidden, weights, cos, sin, &generator);
+  return blocks_[index]->forward(hidden, cos, sin, &generator);
 }
 
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {

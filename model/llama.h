@@ -30,9 +30,17 @@ class LlamaModelImpl;
 class DecoderBlockImpl : public torch::nn::Module {
  public:
   DecoderBlockImpl(const shard::ModelConfig& config, int64_t layer, kernels::QuantType quant_type, int64_t blocksize);
-  torch::Tensor forward(const torch::Tensor& hidden, const cluster::GatheredBlock& weights,
-                        const torch::Tensor& cos, const torch::Tensor& sin, at::Generator* dropout_generator);
+  torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& cos, const torch::Tensor& sin,
+                        at::Generator* dropout_generator);
   void add_lora(const LoraConfig& config, at::Generator& init_generator);
+  void attach_gatherer(cluster::BlockGatherer* gatherer) { gatherer_ = gatherer; }
+  // A new fp32 tensor holding projection `tensor_index` (block_linear_names order), dequantized from
+  // this block's gathered 4-bit bytes (gathering them if they are not in the pool).
+  torch::Tensor dequantize_weight(size_t tensor_index);
+  // Backward walks the blocks in reverse: start gathering the one before this while it computes.
+  void prefetch_previous_block() {
+    if (layer > 0) gatherer_->prefetch(static_cast<size_t>(layer - 1));
+  }
 
   int64_t layer;
   torch::Tensor input_layernorm;
@@ -42,8 +50,9 @@ class DecoderBlockImpl : public torch::nn::Module {
 
  private:
   torch::Tensor project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
-                        const cluster::GatheredBlock& weights, at::Generator* dropout_generator);
+                        at::Generator* dropout_generator);
   shard::ModelConfig config_;
+  cluster::BlockGatherer* gatherer_ = nullptr;
   kernels::QuantType quant_type_;
   int64_t blocksize_;
 };
