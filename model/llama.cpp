@@ -80,7 +80,7 @@ struct ReentrantBlockCheckpoint : public torch::autograd::Function<ReentrantBloc
 // the block input requires grad, and no input-embedding hook is needed.
 struct NonReentrantBlockCheckpoint : public torch::autograd::Function<NonReentrantBlockCheckpoint> {
   static torch::Tensor forward(torch::autograd::AutogradContext* context, torch::Tensor hidden, int64_t index,
-                               int64_t model_address, torch::autograd::variable_list adapter_parameters) {
+                               int64_t model_address, at::TensorList adapter_parameters) {
     auto* model = reinterpret_cast<LlamaModelImpl*>(model_address);
     context->save_for_backward({hidden});
     context->saved_data["index"] = index;
@@ -394,8 +394,10 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {
       if (checkpointing_.reentrant) {
         hidden = ReentrantBlockCheckpoint::apply(hidden, static_cast<int64_t>(index), model_address);
       } else {
+        // Passed as a TensorList so autograd registers each adapter as an input of the function.
+        const auto adapters = block_lora_parameters(index);
         hidden = NonReentrantBlockCheckpoint::apply(hidden, static_cast<int64_t>(index), model_address,
-                                                    block_lora_parameters(index));
+                                                    at::TensorList(adapters));
       }
     } else {
       gatherer_->acquire(index);
