@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 
 #include "cluster/mpi_communicator.h"
@@ -54,20 +56,26 @@ TEST(TrainingAcrossRanks, AdaptersAreBitwiseIdenticalOnEveryRankAfterOneStep) {
       << "adapters differ from rank 0's";
 }
 
-TEST(TrainingAcrossRanks, LossMatchesASingleRankRunOverTheSameGlobalBatches) {
+TEST(TrainingAcrossRanks, LossMatchesASingleRankRunOverTheSameGlobalBatchesForTenSteps) {
   const std::string model_path = testing_support::synthetic_store("tiny");
   auto world_communicator = cluster::make_mpi_communicator(MPI_COMM_WORLD);
-  const auto distributed = run_training(small_run(model_path, 5), *world_communicator);
+  const auto distributed = run_training(small_run(model_path, 10), *world_communicator);
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   if (rank == 0) {
     auto self_communicator = cluster::make_mpi_communicator(MPI_COMM_SELF);
-    const auto single = run_training(small_run(model_path, 5), *self_communicator);
-    ASSERT_EQ(single.losses.size(), 5u);
-    ASSERT_EQ(distributed.losses.size(), 5u);
-    for (size_t step = 0; step < 5; ++step)
+    const auto single = run_training(small_run(model_path, 10), *self_communicator);
+    ASSERT_EQ(single.losses.size(), 10u);
+    ASSERT_EQ(distributed.losses.size(), 10u);
+    double largest_difference = 0;
+    for (size_t step = 0; step < 10; ++step)
+      largest_difference = std::max(largest_difference, std::fabs(distributed.losses[step] - single.losses[step]));
+    int world = 0;
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    std::printf("world %d vs 1 rank over 10 steps: largest loss difference %.3g\n", world, largest_difference);
+    for (size_t step = 0; step < 10; ++step)
       EXPECT_NEAR(distributed.losses[step], single.losses[step], 1e-5) << "step " << step + 1;
-    EXPECT_LT(single.losses[4], single.losses[0]);
+    EXPECT_LT(single.losses[9], single.losses[0]);
   }
   MPI_Barrier(MPI_COMM_WORLD);
 }
