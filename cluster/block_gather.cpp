@@ -98,8 +98,13 @@ BlockGatherer::Slot& BlockGatherer::start_gather(size_t block) {
 }
 
 void BlockGatherer::prefetch(size_t block) {
-  if (communicator_.size() == 1 || block >= layouts_.size() || find_slot(block) != nullptr) return;
+  if (!prefetch_enabled_ || slots_.size() < 2 || block >= layouts_.size() || find_slot(block) != nullptr) return;
   start_gather(block);
+}
+
+void BlockGatherer::poll() {
+  for (auto& slot : slots_)
+    if (slot.pending) slot.pending->test();
 }
 
 GatheredBlock BlockGatherer::acquire(size_t block) {

@@ -88,7 +88,13 @@ class BlockGatherer {
   const torch::Tensor& local_segment(size_t block) const { return local_segments_[block]; }
 
   GatheredBlock acquire(size_t block);
+  // No-op with prefetching disabled, with a single slot (it would evict the block in use), or when
+  // the block is already in the pool.
   void prefetch(size_t block);
+  void set_prefetch(bool enabled) { prefetch_enabled_ = enabled; }
+  // Drives in-flight gathers forward. MPI has no progress thread here (OpenMPI reports none), so a
+  // non-blocking gather only advances inside MPI calls; the model calls this between operations.
+  void poll();
   // Bytes of the gather pool (allocated at construction so the memory report can attribute it).
   int64_t pool_bytes() const;
   const GatherStats& stats() const { return stats_; }
@@ -109,6 +115,7 @@ class BlockGatherer {
   std::vector<Slot> slots_;
   uint64_t clock_ = 0;
   int64_t pinned_block_ = -1;   // the block last acquired: never evicted by a prefetch
+  bool prefetch_enabled_ = true;
   GatherStats stats_;
 };
 

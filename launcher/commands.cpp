@@ -241,6 +241,11 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
       ("checkpointing", po::value<std::string>()->default_value("reentrant"), "reentrant | non-reentrant | off")
       ("keep-embeddings-16bit", po::bool_switch(), "do not upcast embeddings and LM head to fp32 (saves memory)")
       ("gather-slots", po::value<int>()->default_value(train.gather_slots), "gathered 4-bit blocks kept in memory")
+      ("prefetch", po::value<bool>()->default_value(true), "gather the next block while this one computes (1|0)")
+      ("bucket-mb", po::value<double>()->default_value(train.bucket_mb), "gradient all-reduce fusion bucket size")
+      ("overlap-reduce", po::value<bool>()->default_value(true), "reduce buckets during backward (1|0)")
+      ("check-every", po::value<int64_t>()->default_value(train.check_every),
+       "compare adapter checksums across ranks every K steps (0: never)")
       ("threads", po::value<int>()->default_value(0), "compute threads per rank (0: cores / ranks on the node)")
       ("backend", po::value<std::string>()->default_value("auto"), "collectives: auto | mpi | nccl");
   po::options_description general("General");
@@ -275,6 +280,10 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   train.prepare.use_reentrant = checkpointing == "reentrant";
   train.prepare.keep_embeddings_16bit = values["keep-embeddings-16bit"].as<bool>();
   train.gather_slots = values["gather-slots"].as<int>();
+  train.prefetch = values["prefetch"].as<bool>();
+  train.bucket_mb = values["bucket-mb"].as<double>();
+  train.overlap_reduce = values["overlap-reduce"].as<bool>();
+  train.check_every = values["check-every"].as<int64_t>();
   train.threads = values["threads"].as<int>();
   const std::string backend = values["backend"].as<std::string>();
   if (backend != "auto" && backend != "mpi" && backend != "nccl")

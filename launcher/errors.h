@@ -20,6 +20,13 @@ struct UserError : std::runtime_error {
   bool reported;  // true on ranks whose part of the report rank 0 prints
 };
 
+// A failure of the job itself that every rank detects together (e.g. replicas drifting apart):
+// rank 0 reports it, every rank exits with kExitJobError.
+constexpr int kExitJobError = 3;
+struct JobError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // Runs `phase` on every rank. If it throws a user-caused error (UserError, a format or preparation
 // error) on any rank, every rank throws: rank 0 a UserError listing each distinct message with the
 // ranks that saw it, the others a UserError marked reported. Other exceptions propagate unchanged.

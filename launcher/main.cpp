@@ -63,6 +63,9 @@ int main(int argc, char** argv) {
     } catch (const qlora::prepare::PrepareError& error) {
       report_user_error(error.what(), "");
       exit_code = qlora::kExitUserError;
+    } catch (const qlora::JobError& error) {
+      report_user_error(error.what(), "");
+      exit_code = qlora::kExitJobError;
     } catch (const std::exception& error) {
       // Not a user error: a bug or a system failure on this rank. End every rank now rather than
       // leave the others waiting in a collective.

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "cluster/gradient_reducer.h"
 #include "cluster/log.h"
 #include "launcher/adapter_io.h"
 #include "launcher/data.h"
@@ -36,45 +37,38 @@ void check_world_fits(const shard::ModelStore& store, int world) {
   }
 }
 
-// The flat buffer adapter gradients are reduced in: allocated once, reused every step.
-class GradientBucket {
- public:
-  explicit GradientBucket(const std::vector<torch::Tensor>& parameters) : parameters_(parameters) {
-    int64_t total = 0;
-    for (const auto& parameter : parameters_) total += parameter.numel();
-    flat_ = torch::zeros({total}, torch::kFloat);
+// FNV-1a over every adapter's bytes: equal on all ranks unless their replicas drifted apart.
+std::string adapter_checksum(model::LlamaModelImpl& model) {
+  shard::Fnv1a64 hash;
+  for (const auto& parameter : model.lora_parameters()) {
+    auto contiguous = parameter.detach().contiguous();
+    hash.update(contiguous.data_ptr(), static_cast<size_t>(contiguous.numel()) * contiguous.element_size());
   }
-  // Copies every gradient in, averages across ranks, copies the result back. Returns seconds spent.
-  double all_reduce_average(cluster::Communicator& communicator) {
-    torch::NoGradGuard no_grad;
-    int64_t offset = 0;
-    for (const auto& parameter : parameters_) {
-      auto slice = flat_.narrow(0, offset, parameter.numel());
-      if (parameter.grad().defined())
-        slice.copy_(parameter.grad().reshape({-1}));
-      else
-        slice.zero_();
-      offset += parameter.numel();
-    }
-    const auto start = Clock::now();
-    communicator.all_reduce(flat_.data_ptr<float>(), flat_.numel(), cluster::ReduceOp::average);
-    const double seconds = seconds_since(start);
-    offset = 0;
-    for (auto& parameter : parameters_) {
-      auto slice = flat_.narrow(0, offset, parameter.numel()).view(parameter.sizes());
-      if (parameter.grad().defined())
-        parameter.mutable_grad().copy_(slice);
-      else
-        parameter.mutable_grad() = slice.clone();
-      offset += parameter.numel();
-    }
-    return seconds;
-  }
+  return hash.hex();
+}
 
- private:
-  std::vector<torch::Tensor> parameters_;
-  torch::Tensor flat_;
-};
+}  // namespace
+
+void check_adapters_agree(cluster::Communicator& communicator, model::LlamaModelImpl& model, int64_t step) {
+  const auto checksums = communicator.gather_to_root(adapter_checksum(model));
+  int drifted = 0;
+  std::string ranks;
+  for (size_t rank = 1; rank < checksums.size(); ++rank) {
+    if (checksums[rank] == checksums[0]) continue;
+    drifted = 1;
+    ranks += (ranks.empty() ? "" : ",") + std::to_string(rank);
+  }
+  communicator.broadcast(&drifted, sizeof drifted, 0);
+  if (!drifted) return;
+  int64_t length = static_cast<int64_t>(ranks.size());
+  communicator.broadcast(&length, sizeof length, 0);
+  ranks.resize(static_cast<size_t>(length));
+  communicator.broadcast(ranks.data(), length, 0);
+  throw JobError("adapter replicas drifted apart at step " + std::to_string(step) + ": rank(s) " + ranks +
+                 " differ from rank 0 (a reduction was lost or a rank computed differently)");
+}
+
+namespace {
 
 std::string format_step_line(int64_t step, int64_t steps, double loss, double learning_rate, double tokens_per_second,
                              double step_seconds) {
@@ -101,6 +95,8 @@ void validate_options(const TrainOptions& options, int world) {
   if (options.lora.init != "kaiming" && options.lora.init != "gaussian")
     throw UserError("--lora-init must be kaiming or gaussian");
   if (options.gather_slots < 1) throw UserError("--gather-slots must be at least 1");
+  if (options.bucket_mb <= 0) throw UserError("--bucket-mb must be positive");
+  if (options.check_every < 0) throw UserError("--check-every must be 0 (never) or positive");
   try {
     options.lora.resolved_targets();
   } catch (const std::invalid_argument& error) {
@@ -188,9 +184,13 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
                 static_cast<long long>(adapter_parameters));
   cluster::log::banner(lora_line);
 
+  // Backward produces gradients from the last block to the first: bucket them in that order.
+  std::vector<torch::Tensor> ready_order(parameters.rbegin(), parameters.rend());
   const int64_t before_bucket = cluster::MemoryCounter::current_bytes();
-  GradientBucket bucket(parameters);
+  cluster::GradientReducer reducer(communicator, ready_order, static_cast<int64_t>(options.bucket_mb * 1048576.0),
+                                   options.overlap_reduce);
   const int64_t bucket_bytes = cluster::MemoryCounter::current_bytes() - before_bucket;
+  model->gatherer().set_prefetch(options.prefetch);
   torch::optim::AdamW optimizer(parameters, torch::optim::AdamWOptions(options.learning_rate)
                                                 .weight_decay(options.weight_decay)
                                                 .betas({0.9, 0.999})
@@ -226,6 +226,7 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
 
     overall_peak = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
     cluster::MemoryCounter::reset_peak();
+    reducer.begin_step();
     loss.backward();
     memory.backward_activation_peak =
         std::max(memory.backward_activation_peak, cluster::MemoryCounter::peak_bytes() - resident);
@@ -233,7 +234,7 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     const double local_loss = loss.item<double>();
     loss = torch::Tensor();
 
-    communication_seconds += bucket.all_reduce_average(communicator);
+    communication_seconds += reducer.finish_step();
     if (options.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(parameters, options.max_grad_norm);
     if (step == 0) memory.gradients = cluster::MemoryCounter::current_bytes() - resident + bucket_bytes;
 
@@ -243,6 +244,8 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     optimizer.zero_grad();
 
     const double global_loss = communicator.all_reduce_scalar(local_loss, cluster::ReduceOp::average);
+    if (options.check_every > 0 && ((step + 1) % options.check_every == 0 || step + 1 == options.steps))
+      check_adapters_agree(communicator, *model, step + 1);
     if (!std::isfinite(global_loss))
       throw UserError("the loss became " + std::to_string(global_loss) + " at step " + std::to_string(step + 1),
                       "lower --lr or check the data");
@@ -270,14 +273,16 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
   result.seconds = seconds_since(run_start);
   result.tokens_per_second = static_cast<double>(tokens_per_step * options.steps) / training_seconds;
   result.gather = model->gatherer().stats();
+  result.reduce_wait_seconds = communication_seconds;
   result.all_memory = cluster::gather_memory_reports(communicator, memory);
 
   if (rank == 0 && !options.quiet) {
     std::ostringstream summary;
     summary << "trained " << options.steps << " steps in " << training_seconds << " s ("
             << static_cast<int64_t>(result.tokens_per_second) << " tokens/s over " << world << " rank"
-            << (world > 1 ? "s" : "") << "); gradient all-reduce " << communication_seconds
-            << " s, exposed gather wait " << result.gather.wait_seconds << " s on rank 0";
+            << (world > 1 ? "s" : "") << "); waiting on rank 0: gradient all-reduce " << communication_seconds
+            << " s (" << reducer.bucket_count() << " bucket" << (reducer.bucket_count() > 1 ? "s" : "")
+            << "), 4-bit gathers " << result.gather.wait_seconds << " s";
     cluster::log::banner(summary.str());
     cluster::log::banner("memory per rank (measured by the counting allocator):");
     cluster::log::banner(cluster::format_memory_table(result.all_memory));

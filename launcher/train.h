@@ -31,6 +31,10 @@ struct TrainOptions {
   model::LoraConfig lora;
   prepare::PrepareOptions prepare;
   int gather_slots = 2;
+  bool prefetch = true;            // gather block i+1 while block i computes
+  double bucket_mb = 25.0;         // gradient fusion bucket size
+  bool overlap_reduce = true;      // reduce each bucket as soon as backward fills it
+  int64_t check_every = 50;        // compare adapter checksums across ranks every K steps (0: never)
   int threads = 0;                 // 0: cores / ranks on the node
   bool write_outputs = true;       // tests switch off the run folder
   bool quiet = false;              // no per-step lines
@@ -45,6 +49,7 @@ struct TrainResult {
   double seconds = 0.0;
   double tokens_per_second = 0.0;
   cluster::GatherStats gather;
+  double reduce_wait_seconds = 0.0;  // rank's time blocked finishing gradient reductions
 };
 
 // Throws UserError for options that cannot work (checked identically on every rank); the model
@@ -55,6 +60,10 @@ void validate_options(const TrainOptions& options, int world);
 // destroyed (tests use it to check adapters and frozen weights).
 TrainResult run_training(const TrainOptions& options, cluster::Communicator& communicator,
                          const std::function<void(model::LlamaModelImpl&)>& inspect = {});
+
+// Collective: compares a checksum of every rank's adapters with rank 0's; on any difference every
+// rank throws JobError naming the ranks that drifted.
+void check_adapters_agree(cluster::Communicator& communicator, model::LlamaModelImpl& model, int64_t step);
 
 // Where the embedded demo model lives (created on first use by one rank per node).
 std::string ensure_demo_model(cluster::Communicator& communicator, const cluster::RankLayout& layout, uint64_t seed);

@@ -202,7 +202,9 @@ torch::Tensor DecoderBlockImpl::dequantize_weight(size_t tensor_index) {
   const auto shape = config_.expected_shape(shard::layer_prefix(layer) + shard::block_linear_names()[tensor_index] +
                                             ".weight");
   const cluster::GatheredBlock weights = gatherer_->acquire(static_cast<size_t>(layer));
-  return dequantize_gathered(weights, tensor_index, quant_type_, blocksize_, shape);
+  auto weight = dequantize_gathered(weights, tensor_index, quant_type_, blocksize_, shape);
+  gatherer_->poll();
+  return weight;
 }
 
 torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_index, const torch::Tensor& x,

@@ -9,6 +9,7 @@
 
 #include "cluster/mpi_communicator.h"
 #include "kernels/nf4.h"
+#include "launcher/errors.h"
 #include "launcher/train.h"
 #include "shard/model_store.h"
 #include "support/test_support.h"
@@ -111,6 +112,49 @@ TEST(TrainingAcrossRanks, FrozenBaseStaysBitwiseUnchanged) {
       auto stored = torch::empty(store->tensor(name).shape, torch::kBFloat16);
       store->read_dense(name, stored.data_ptr());
       EXPECT_TRUE(torch::equal(parameter, stored.to(torch::kFloat))) << name;
+    }
+  });
+}
+
+TEST(TrainingAcrossRanks, SmallOverlappedBucketsGiveBitwiseTheSameAdaptersAsOneBucket) {
+  auto communicator = cluster::make_mpi_communicator(MPI_COMM_WORLD);
+  const std::string model_path = testing_support::synthetic_store("tiny");
+  std::vector<float> adapters[2];
+  std::vector<double> losses[2];
+  for (int variant = 0; variant < 2; ++variant) {
+    TrainOptions options = small_run(model_path, 3);
+    if (variant == 1) {
+      options.bucket_mb = 0.02;  // ~20 buckets for the tiny model's 0.56 MiB of adapters
+      options.overlap_reduce = true;
+    } else {
+      options.bucket_mb = 1024;
+      options.overlap_reduce = false;
+    }
+    losses[variant] = run_training(options, *communicator, [&](model::LlamaModelImpl& model) {
+                        adapters[variant] = flatten_adapters(model);
+                      }).losses;
+  }
+  EXPECT_EQ(losses[0], losses[1]);
+  ASSERT_EQ(adapters[0].size(), adapters[1].size());
+  EXPECT_EQ(std::memcmp(adapters[0].data(), adapters[1].data(), adapters[0].size() * sizeof(float)), 0);
+}
+
+TEST(TrainingAcrossRanks, DriftingAdapterReplicasAreDetectedOnEveryRank) {
+  auto communicator = cluster::make_mpi_communicator(MPI_COMM_WORLD);
+  const std::string model_path = testing_support::synthetic_store("tiny");
+  run_training(small_run(model_path, 1), *communicator, [&](model::LlamaModelImpl& model) {
+    EXPECT_NO_THROW(check_adapters_agree(*communicator, model, 1));
+    if (communicator->rank() == communicator->size() - 1) {
+      torch::NoGradGuard no_grad;
+      model.lora_parameters()[3].view({-1})[0] += 1e-6f;
+    }
+    try {
+      check_adapters_agree(*communicator, model, 2);
+      ADD_FAILURE() << "drift went unnoticed";
+    } catch (const JobError& error) {
+      EXPECT_NE(std::string(error.what()).find("rank(s) " + std::to_string(communicator->size() - 1)),
+                std::string::npos)
+          << error.what();
     }
   });
 }
