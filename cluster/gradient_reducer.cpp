@@ -86,8 +86,9 @@ void GradientReducer::launch_ready_buckets(bool force) {
         if (!received_[index])
           bucket.flat.narrow(0, offset_of_[index], parameters_[index].numel()).zero_();
     }
-    bucket.pending = communicator_.all_reduce_async(bucket.flat.data_ptr<float>(), bucket.flat.numel(),
-                                                    ReduceOp::average);
+    // Summed here; the 1/world of the average is folded into the copy back to .grad, which
+    // touches every element anyway (a separate averaging pass costs up to 15% of busbw).
+    bucket.pending = communicator_.all_reduce_async(bucket.flat.data_ptr<float>(), bucket.flat.numel(), ReduceOp::sum);
     bucket.launched = true;
     if (!force) ++launched_during_backward_;
     ++next_to_launch_;
@@ -98,16 +99,15 @@ double GradientReducer::finish_step() {
   const auto start = std::chrono::steady_clock::now();
   launch_ready_buckets(true);
   torch::NoGradGuard no_grad;
+  const double scale = 1.0 / static_cast<double>(communicator_.size());
   for (auto& bucket : buckets_) {
     bucket.pending->wait();
     bucket.pending.reset();
     for (size_t index : bucket.members) {
       torch::Tensor& parameter = parameters_[index];
-      auto averaged = bucket.flat.narrow(0, offset_of_[index], parameter.numel()).view(parameter.sizes());
-      if (parameter.grad().defined())
-        parameter.mutable_grad().copy_(averaged);
-      else
-        parameter.mutable_grad() = averaged.clone();
+      auto summed = bucket.flat.narrow(0, offset_of_[index], parameter.numel()).view(parameter.sizes());
+      if (!parameter.grad().defined()) parameter.mutable_grad() = torch::empty_like(parameter);
+      torch::mul_out(parameter.mutable_grad(), summed, scale);
     }
   }
   in_step_ = false;

@@ -91,6 +91,34 @@ class MpiCommunicator final : public Communicator {
     return pending;
   }
 
+  void all_gather(const void* send, void* recv, const std::vector<int64_t>& counts) override {
+    assert(static_cast<int>(counts.size()) == size_);
+    std::vector<int> counts_int(size_);
+    std::vector<int> displacements(size_);
+    int64_t offset = 0;
+    bool equal = true;
+    for (int r = 0; r < size_; ++r) {
+      assert(counts[r] <= INT_MAX && offset <= INT_MAX);
+      counts_int[r] = static_cast<int>(counts[r]);
+      displacements[r] = static_cast<int>(offset);
+      offset += counts[r];
+      equal = equal && counts[r] == counts[0];
+    }
+    if (equal)
+      MPI_Allgather(send, counts_int[rank_], MPI_BYTE, recv, counts_int[0], MPI_BYTE, comm_);
+    else
+      MPI_Allgatherv(send, counts_int[rank_], MPI_BYTE, recv, counts_int.data(), displacements.data(), MPI_BYTE, comm_);
+  }
+
+  void all_reduce(float* data, int64_t count, ReduceOp op) override {
+    assert(count <= INT_MAX);
+    MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_);
+    if (op == ReduceOp::average && size_ > 1) {
+      const float scale = 1.0f / static_cast<float>(size_);
+      for (int64_t i = 0; i < count; ++i) data[i] *= scale;
+    }
+  }
+
   void broadcast(void* data, int64_t bytes, int root) override {
     assert(bytes <= INT_MAX);
     MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_);
