@@ -79,7 +79,7 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
       ("from", po::value<std::string>(), "Hugging Face model folder (config.json + *.safetensors)")
       ("synthetic", po::value<std::string>(), "write a random model instead: micro | tiny | small")
       ("out", po::value<std::string>(), "output model store (model.h5)")
-      ("quant-type", po::value<std::string>()->default_value("nf4"), "nf4 | fp4")
+      ("quant-type", po::value<std::string>()->default_value("nf4"), "nf4 | fp4 | none (keep the source dtype)")
       ("blocksize", po::value<int64_t>()->default_value(64), "quantization block size (power of two, 32..4096)")
       ("seed", po::value<uint64_t>()->default_value(1234), "random seed of synthetic models");
   const auto values = parse(arguments, options, "convert");
@@ -92,8 +92,10 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
     throw UserError("give exactly one of --from and --synthetic", "see `qlora convert --help`");
   shard::ConvertOptions convert_options;
   const std::string quant_type = values["quant-type"].as<std::string>();
-  if (quant_type != "nf4" && quant_type != "fp4") throw UserError("--quant-type must be nf4 or fp4");
-  convert_options.quant_type = quant_type == "nf4" ? kernels::QuantType::nf4 : kernels::QuantType::fp4;
+  if (quant_type != "nf4" && quant_type != "fp4" && quant_type != "none")
+    throw UserError("--quant-type must be nf4, fp4 or none");
+  convert_options.quantize = quant_type != "none";
+  convert_options.quant_type = quant_type == "fp4" ? kernels::QuantType::fp4 : kernels::QuantType::nf4;
   convert_options.blocksize = values["blocksize"].as<int64_t>();
   convert_options.seed = values["seed"].as<uint64_t>();
   const std::string out = values["out"].as<std::string>();

@@ -199,6 +199,7 @@ void DecoderBlockImpl::add_lora(const LoraConfig& config, at::Generator& init_ge
 }
 
 torch::Tensor DecoderBlockImpl::dequantize_weight(size_t tensor_index) {
+  if (!dense_weights.empty()) return dense_weights[tensor_index].to(torch::kFloat);
   const auto shape = config_.expected_shape(shard::layer_prefix(layer) + shard::block_linear_names()[tensor_index] +
                                             ".weight");
   const cluster::GatheredBlock weights = gatherer_->acquire(static_cast<size_t>(layer));
@@ -282,6 +283,16 @@ LlamaModelImpl::LlamaModelImpl(const shard::ModelStore& store, cluster::Communic
             false);
       }
     }
+    quantized_blocks_ = store.tensor(prefix + shard::block_linear_names()[0] + ".weight").quantized;
+    if (!quantized_blocks_) {
+      for (const auto& linear : shard::block_linear_names()) {
+        std::string parameter_name = linear.substr(linear.find('.') + 1) + "_weight";
+        block->dense_weights.push_back(
+            block->register_parameter(parameter_name, read_dense_tensor(store, prefix + linear + ".weight"), false));
+      }
+      blocks_.push_back(register_module("layers_" + std::to_string(layer), block));
+      continue;
+    }
     std::vector<cluster::QuantizedTensorSpec> specs;
     for (const auto& linear : shard::block_linear_names()) {
       const std::string name = prefix + linear + ".weight";
@@ -318,6 +329,8 @@ std::vector<std::pair<std::string, torch::Tensor>> LlamaModelImpl::named_model_p
     named.emplace_back(prefix + "input_layernorm.weight", block->input_layernorm);
     named.emplace_back(prefix + "post_attention_layernorm.weight", block->post_attention_layernorm);
     for (const auto& [projection, bias] : block->biases) named.emplace_back(prefix + "self_attn." + projection + ".bias", bias);
+    for (size_t t = 0; t < block->dense_weights.size(); ++t)
+      named.emplace_back(prefix + shard::block_linear_names()[t] + ".weight", block->dense_weights[t]);
   }
   named.emplace_back("model.norm.weight", final_norm);
   if (!config_.tie_word_embeddings) named.emplace_back("lm_head.weight", lm_head);
@@ -376,7 +389,7 @@ void LlamaModelImpl::ensure_rotary_tables(int64_t sequence_length) {
 
 torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidden) {
   const int64_t sequence = hidden.size(1);
-  gatherer_->acquire(index);
+  if (quantized_blocks_) gatherer_->acquire(index);
   auto generator = at::make_generator<at::CPUGeneratorImpl>(
       mix_seed(dropout_seed_ ^ mix_seed(index * 1000003ull + static_cast<uint64_t>(communicator_.rank()))));
   auto cos = rotary_cos_.narrow(0, 0, sequence);
@@ -390,9 +403,11 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {
   if (input_require_grads_) hidden.requires_grad_(true);
   const int64_t model_address = reinterpret_cast<int64_t>(this);
   for (size_t index = 0; index < blocks_.size(); ++index) {
-    if (checkpointing_.enabled && is_training() && torch::GradMode::is_enabled()) {
+    if (quantized_blocks_) {
       gatherer_->acquire(index);  // gather now so the prefetch below overlaps this block's compute
       if (index + 1 < blocks_.size()) gatherer_->prefetch(index + 1);
+    }
+    if (checkpointing_.enabled && is_training() && torch::GradMode::is_enabled()) {
       if (checkpointing_.reentrant) {
         hidden = ReentrantBlockCheckpoint::apply(hidden, static_cast<int64_t>(index), model_address);
       } else {
@@ -402,8 +417,6 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {
                                                     at::TensorList(adapters));
       }
     } else {
-      gatherer_->acquire(index);
-      if (index + 1 < blocks_.size()) gatherer_->prefetch(index + 1);
       hidden = run_block(index, hidden);
     }
   }

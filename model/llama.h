@@ -39,13 +39,15 @@ class DecoderBlockImpl : public torch::nn::Module {
   torch::Tensor dequantize_weight(size_t tensor_index);
   // Backward walks the blocks in reverse: start gathering the one before this while it computes.
   void prefetch_previous_block() {
-    if (layer > 0) gatherer_->prefetch(static_cast<size_t>(layer - 1));
+    if (layer > 0 && dense_weights.empty()) gatherer_->prefetch(static_cast<size_t>(layer - 1));
   }
 
   int64_t layer;
   torch::Tensor input_layernorm;
   torch::Tensor post_attention_layernorm;
   std::map<std::string, torch::Tensor> biases;     // "q_proj" -> bias, when the config has them
+  // Unquantized stores (quant_method none): the seven projections, replicated, block_linear_names order.
+  std::vector<torch::Tensor> dense_weights;
   std::map<std::string, LoraAdapter> adapters;     // "q_proj" -> adapter
 
  private:
@@ -98,6 +100,7 @@ class LlamaModelImpl : public torch::nn::Module {
   torch::Tensor run_block(size_t index, const torch::Tensor& hidden);
   void prefetch_block(size_t index) { gatherer_->prefetch(index); }
   size_t block_count() const { return blocks_.size(); }
+  bool quantized_blocks() const { return quantized_blocks_; }
 
   // Allocator deltas measured while loading (zero unless the counting allocator is installed).
   struct LoadMemory {
@@ -121,6 +124,7 @@ class LlamaModelImpl : public torch::nn::Module {
   std::unique_ptr<cluster::BlockGatherer> gatherer_;
   LoraConfig lora_config_;
   bool lora_attached_ = false;
+  bool quantized_blocks_ = true;
   CheckpointingMode checkpointing_;
   bool input_require_grads_ = false;
   uint64_t dropout_seed_ = 0;

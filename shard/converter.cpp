@@ -33,8 +33,8 @@ StoreHeader header_for(const ModelConfig& config, const ConvertOptions& options,
                        const std::string& tokenizer) {
   StoreHeader header;
   header.config = config;
-  header.quant_method = "bnb-4bit";
-  header.quant_type = options.quant_type == kernels::QuantType::nf4 ? "nf4" : "fp4";
+  header.quant_method = options.quantize ? "bnb-4bit" : "none";
+  header.quant_type = !options.quantize ? "none" : options.quant_type == kernels::QuantType::nf4 ? "nf4" : "fp4";
   header.blocksize = options.blocksize;
   header.double_quant = false;
   header.compute_dtype = "float32";
@@ -120,7 +120,7 @@ ConvertSummary convert_synthetic(const std::string& preset, const std::string& o
     std::normal_distribution<float> normal(0.0f, static_cast<float>(std_dev));
     std::vector<float> values(numel);
     for (auto& value : values) value = is_norm ? 1.0f : normal(generator);
-    if (ModelConfig::is_block_linear(name)) {
+    if (ModelConfig::is_block_linear(name) && options.quantize) {
       // The synthetic checkpoint "is" bf16, as real ones are: round first, then quantize.
       for (auto& value : values) value = kernels::bf16_to_float(kernels::float_to_bf16(value));
       checksum.update(values.data(), values.size() * sizeof(float));
@@ -182,7 +182,7 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
     const uint8_t* data = checkpoint->data(name);
     const int64_t numel = entry.numel();
     checksum.update(data, entry.end - entry.begin);
-    if (ModelConfig::is_block_linear(name)) {
+    if (ModelConfig::is_block_linear(name) && options.quantize) {
       std::vector<float> values(numel);
       kernels::convert_to_float(entry.dtype, data, numel, values.data());
       write_quantized(writer, name, entry.shape, entry.dtype, values, options, checkpoint->file_of(name).path(),

@@ -11,6 +11,7 @@
 namespace qlora::shard {
 
 struct ConvertOptions {
+  bool quantize = true;   // false: keep the block linears in their source dtype (quant_method none)
   kernels::QuantType quant_type = kernels::QuantType::nf4;
   int64_t blocksize = 64;
   uint64_t seed = 1234;   // synthetic models only

@@ -44,8 +44,14 @@ ModelConfig ModelConfig::from_json(const Json& json, const std::string& source) 
     config.tie_word_embeddings = json.get_bool("tie_word_embeddings", false);
     config.attention_bias = json.get_bool("attention_bias", config.architecture == "qwen2");
     config.torch_dtype = json.get_string("torch_dtype", "bfloat16");
-    if (json.contains("rope_scaling") && json.at("rope_scaling").is_object()) {
-      const Json& scaling = json.at("rope_scaling");
+    // transformers 5 folds rope_theta and rope_scaling into one rope_parameters object.
+    const char* scaling_key = json.contains("rope_parameters") && json.at("rope_parameters").is_object()
+                                  ? "rope_parameters"
+                                  : "rope_scaling";
+    if (std::string(scaling_key) == "rope_parameters")
+      config.rope_theta = json.at(scaling_key).get_double("rope_theta", config.rope_theta);
+    if (json.contains(scaling_key) && json.at(scaling_key).is_object()) {
+      const Json& scaling = json.at(scaling_key);
       config.rope_scaling.type = scaling.get_string("rope_type", scaling.get_string("type", ""));
       if (config.rope_scaling.type == "default") config.rope_scaling.type.clear();
       if (!config.rope_scaling.type.empty() && config.rope_scaling.type != "llama3")

@@ -225,7 +225,8 @@ std::unique_ptr<ModelStore> ModelStore::open(const std::string& path) {
   header.source_checksum = read_string_attribute(root.get(), "source_checksum", path);
   if (header.blocksize < 2 || header.blocksize % 2 != 0)
     throw FormatError(path + ": invalid blocksize " + std::to_string(header.blocksize));
-  if (header.quant_type != "nf4" && header.quant_type != "fp4")
+  const bool quantized_store = header.quant_method != "none";
+  if (quantized_store && header.quant_type != "nf4" && header.quant_type != "fp4")
     throw FormatError(path + ": unsupported quant_type '" + header.quant_type + "'");
 
   for (const auto& name : header.config.tensor_names()) {
@@ -242,6 +243,10 @@ std::unique_ptr<ModelStore> ModelStore::open(const std::string& path) {
     if (!kernels::parse_dtype_name(read_string_attribute(group.get(), "dtype", where), &tensor.dtype))
       throw FormatError(where + ": unknown dtype");
     tensor.quantized = read_int_attribute(group.get(), "quantized", where) != 0;
+    // Exactly the decoder blocks' linear weights are 4-bit in a quantized store, none otherwise.
+    if (tensor.quantized != (quantized_store && ModelConfig::is_block_linear(name)))
+      throw FormatError(where + (tensor.quantized ? " is quantized but should not be" : " should be quantized but is not") +
+                        " in a '" + header.quant_method + "' store");
     tensor.numel = 1;
     for (int64_t dim : tensor.shape) tensor.numel *= dim;
     store->tensors_.push_back(std::move(tensor));

@@ -544,10 +544,15 @@ TEST_F(SafetensorsCheckpointTest, RejectsTensorAbsentFromItsShard) {
 TEST_F(SafetensorsCheckpointTest, RejectsBadShardNames) {
   write_index(R"({"weight_map": {"a": 3}})");
   expect_error([&] { SafetensorsCheckpoint::open_directory(directory_); }, {"tensor 'a'", "not a file name"});
-  write_index(R"({"weight_map": {"a": "../outside.safetensors"}})");
-  expect_error([&] { SafetensorsCheckpoint::open_directory(directory_); }, {"tensor 'a'", "../outside.safetensors"});
-  write_index(R"({"weight_map": {"a": "/etc/passwd"}})");
-  expect_error([&] { SafetensorsCheckpoint::open_directory(directory_); }, {"tensor 'a'", "/etc/passwd"});
+  // The escaping shard really exists, so only the name check can stop it from loading.
+  write_shard("outside.safetensors", {{"a", 0.0f}});
+  const std::string inner = path("checkpoint");
+  fs::create_directory(inner);
+  write_bytes(inner + "/model.safetensors.index.json", R"({"weight_map": {"a": "../outside.safetensors"}})");
+  expect_error([&] { SafetensorsCheckpoint::open_directory(inner); },
+               {"tensor 'a'", "../outside.safetensors", "not a relative path inside"});
+  write_bytes(inner + "/model.safetensors.index.json", R"({"weight_map": {"a": ")" + path("outside.safetensors") + R"("}})");
+  expect_error([&] { SafetensorsCheckpoint::open_directory(inner); }, {"tensor 'a'", "not a relative path inside"});
 }
 
 TEST_F(SafetensorsCheckpointTest, PassesOnShardFormatErrors) {
