@@ -55,8 +55,12 @@ void write_peft_adapter(const std::string& directory, const std::vector<std::pai
   adapter_config["modules_to_save"] = nullptr;
   adapter_config["layers_to_transform"] = nullptr;
   adapter_config["layers_pattern"] = nullptr;
-  adapter_config["rank_pattern"] = shard::Json::Object{};
-  adapter_config["alpha_pattern"] = shard::Json::Object{};
+  shard::Json rank_pattern = shard::Json::Object{};
+  for (const auto& [key, rank] : config.rank_pattern) rank_pattern[key] = rank;
+  shard::Json alpha_pattern = shard::Json::Object{};
+  for (const auto& [key, alpha] : config.alpha_pattern) alpha_pattern[key] = alpha;
+  adapter_config["rank_pattern"] = rank_pattern;
+  adapter_config["alpha_pattern"] = alpha_pattern;
   adapter_config["inference_mode"] = true;
   adapter_config["revision"] = nullptr;
   adapter_config["peft_version"] = "0.13.2";

@@ -52,6 +52,13 @@ std::vector<std::string> split_list(const std::string& text) {
   return items;
 }
 
+std::pair<std::string, std::string> split_assignment(const std::string& item, const std::string& option) {
+  const auto equals = item.find('=');
+  if (equals == std::string::npos || equals == 0 || equals + 1 == item.size())
+    throw UserError(option + ": '" + item + "' is not MODULE=VALUE", "e.g. " + option + " down_proj=16");
+  return {item.substr(0, equals), item.substr(equals + 1)};
+}
+
 void print_help(const std::string& synopsis, const po::options_description& options) {
   if (!cluster::log::is_root()) return;
   std::cout << synopsis << "\n\n" << options << std::flush;
@@ -237,7 +244,10 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
       ("lora-targets", po::value<std::string>()->default_value("all-linear"),
        "comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear")
       ("lora-init", po::value<std::string>()->default_value("kaiming"), "kaiming | gaussian")
-      ("use-rslora", po::bool_switch(), "scale by alpha / sqrt(r)");
+      ("use-rslora", po::bool_switch(), "scale by alpha / sqrt(r)")
+      ("lora-rank-pattern", po::value<std::string>()->default_value(""),
+       "per-module ranks, e.g. down_proj=16,model.layers.0.self_attn.q_proj=4")
+      ("lora-alpha-pattern", po::value<std::string>()->default_value(""), "per-module alphas, same syntax");
   po::options_description memory_options("Preparation, memory and parallelism");
   memory_options.add_options()
       ("checkpointing", po::value<std::string>()->default_value("reentrant"), "reentrant | non-reentrant | off")
@@ -275,6 +285,22 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   train.lora.target_modules = split_list(values["lora-targets"].as<std::string>());
   train.lora.init = values["lora-init"].as<std::string>();
   train.lora.use_rslora = values["use-rslora"].as<bool>();
+  for (const auto& item : split_list(values["lora-rank-pattern"].as<std::string>())) {
+    const auto [key, value] = split_assignment(item, "--lora-rank-pattern");
+    try {
+      train.lora.rank_pattern[key] = std::stoll(value);
+    } catch (const std::exception&) {
+      throw UserError("--lora-rank-pattern: '" + value + "' is not an integer rank", "e.g. down_proj=16");
+    }
+  }
+  for (const auto& item : split_list(values["lora-alpha-pattern"].as<std::string>())) {
+    const auto [key, value] = split_assignment(item, "--lora-alpha-pattern");
+    try {
+      train.lora.alpha_pattern[key] = std::stod(value);
+    } catch (const std::exception&) {
+      throw UserError("--lora-alpha-pattern: '" + value + "' is not a number", "e.g. down_proj=32");
+    }
+  }
   const std::string checkpointing = values["checkpointing"].as<std::string>();
   if (checkpointing != "reentrant" && checkpointing != "non-reentrant" && checkpointing != "off")
     throw UserError("--checkpointing must be reentrant, non-reentrant or off");

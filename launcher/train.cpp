@@ -91,6 +91,8 @@ void validate_options(const TrainOptions& options, int world) {
                     "use a multiple of the world size, e.g. --global-batch " + std::to_string(world * 4));
   if (options.learning_rate <= 0) throw UserError("--lr must be positive");
   if (options.lora.r < 1) throw UserError("--lora-r must be at least 1");
+  for (const auto& [key, rank] : options.lora.rank_pattern)
+    if (rank < 1) throw UserError("--lora-rank-pattern: rank of '" + key + "' must be at least 1");
   if (options.lora.dropout < 0 || options.lora.dropout >= 1) throw UserError("--lora-dropout must be in [0, 1)");
   if (options.lora.init != "kaiming" && options.lora.init != "gaussian")
     throw UserError("--lora-init must be kaiming or gaussian");

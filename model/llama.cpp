@@ -191,9 +191,11 @@ void DecoderBlockImpl::add_lora(const LoraConfig& config, at::Generator& init_ge
   for (const auto& target : config.resolved_targets()) {
     for (const auto& full_name : names) {
       if (full_name.substr(full_name.find('.') + 1) != target) continue;
-      const auto shape = config_.expected_shape(shard::layer_prefix(layer) + full_name + ".weight");
-      adapters.insert_or_assign(
-          target, register_module("lora_" + target, LoraAdapter(shape[1], shape[0], config, init_generator)));
+      const std::string module_name = shard::layer_prefix(layer) + full_name;
+      const auto shape = config_.expected_shape(module_name + ".weight");
+      adapters.insert_or_assign(target, register_module("lora_" + target,
+                                                        LoraAdapter(shape[1], shape[0], config.for_module(module_name),
+                                                                    init_generator)));
     }
   }
 }

@@ -10,6 +10,31 @@ double LoraConfig::scaling() const {
   return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
 }
 
+namespace {
+template <typename Value>
+const Value* longest_match(const std::map<std::string, Value>& pattern, const std::string& module_name) {
+  const Value* found = nullptr;
+  size_t found_length = 0;
+  for (const auto& [key, value] : pattern) {
+    const bool matches = module_name == key || (module_name.size() > key.size() &&
+                                                module_name.compare(module_name.size() - key.size(), key.size(), key) == 0 &&
+                                                module_name[module_name.size() - key.size() - 1] == '.');
+    if (matches && key.size() >= found_length) {
+      found = &value;
+      found_length = key.size();
+    }
+  }
+  return found;
+}
+}  // namespace
+
+LoraConfig LoraConfig::for_module(const std::string& module_name) const {
+  LoraConfig module = *this;
+  if (const int64_t* rank = longest_match(rank_pattern, module_name)) module.r = *rank;
+  if (const double* alpha = longest_match(alpha_pattern, module_name)) module.alpha = *alpha;
+  return module;
+}
+
 std::vector<std::string> LoraConfig::resolved_targets() const {
   static const std::vector<std::string> all = {"q_proj", "k_proj", "v_proj", "o_proj",
                                                "gate_proj", "up_proj", "down_proj"};

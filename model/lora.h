@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -20,7 +21,13 @@ struct LoraConfig {
                                              "gate_proj", "up_proj", "down_proj"};
   bool use_rslora = false;
   std::string init = "kaiming";   // or "gaussian"
+  // PEFT's rank_pattern / alpha_pattern: a key matches a module whose name equals it or ends with
+  // "." + key (e.g. "down_proj" or "model.layers.0.self_attn.q_proj"); the longest match wins.
+  std::map<std::string, int64_t> rank_pattern;
+  std::map<std::string, double> alpha_pattern;
   double scaling() const;
+  // The configuration of one module (its name as in "model.layers.3.mlp.down_proj").
+  LoraConfig for_module(const std::string& module_name) const;
   // The seven projection names selected by target_modules; throws std::invalid_argument naming an
   // unknown target.
   std::vector<std::string> resolved_targets() const;

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 
+#include "shard/safetensors.h"
 #include "support/test_support.h"
 
 namespace qlora {
@@ -87,7 +88,8 @@ TEST(CommandLine, TrainsOnTwoRanksAndWritesTheRunFolder) {
   const std::string out = shared_temp_dir() + "/cli-run";
   std::string output;
   ASSERT_EQ(run_command(std::string(kMpirun) + qlora_binary() + " train --model " + model +
-                            " --steps 3 --seq-len 32 --global-batch 4 --out " + out,
+                            " --steps 3 --seq-len 32 --global-batch 4 --lora-rank-pattern down_proj=16"
+                            " --lora-alpha-pattern model.layers.1.self_attn.q_proj=4 --out " + out,
                         &output),
             0)
       << output;
@@ -95,6 +97,14 @@ TEST(CommandLine, TrainsOnTwoRanksAndWritesTheRunFolder) {
   EXPECT_TRUE(contains(output, "memory per rank")) << output;
   EXPECT_TRUE(std::filesystem::exists(out + "/final/adapter_model.safetensors"));
   EXPECT_TRUE(std::filesystem::exists(out + "/final/adapter_config.json"));
+  auto adapter = shard::SafetensorsFile::open(out + "/final/adapter_model.safetensors");
+  EXPECT_EQ(adapter->at("base_model.model.model.layers.0.mlp.down_proj.lora_A.weight").shape,
+            (std::vector<int64_t>{16, 172}));
+  EXPECT_EQ(adapter->at("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight").shape,
+            (std::vector<int64_t>{8, 64}));
+  EXPECT_EQ(run_command(qlora_binary() + " train --model " + model + " --lora-rank-pattern down_proj", &output), 2)
+      << output;
+  EXPECT_TRUE(contains(output, "is not MODULE=VALUE")) << output;
   EXPECT_TRUE(std::filesystem::exists(out + "/memory.json"));
 }
 

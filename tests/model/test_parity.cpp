@@ -5,6 +5,9 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -103,6 +106,44 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, Parity,
                          [](const auto& info) {
                            return std::get<0>(info.param) + (std::get<1>(info.param) ? "_nf4" : "_dense");
                          });
+
+}  // namespace
+}  // namespace qlora::model
+
+namespace qlora::model {
+namespace {
+
+TEST(Lora, ScalingRankPatternsAndInitialisationFollowPeft) {
+  LoraConfig config;
+  config.r = 8;
+  config.alpha = 16;
+  EXPECT_DOUBLE_EQ(config.scaling(), 2.0);
+  config.use_rslora = true;
+  EXPECT_DOUBLE_EQ(config.scaling(), 16.0 / std::sqrt(8.0));
+  config.use_rslora = false;
+  config.rank_pattern = {{"down_proj", 16}, {"model.layers.1.mlp.down_proj", 4}};
+  config.alpha_pattern = {{"q_proj", 64}};
+  EXPECT_EQ(config.for_module("model.layers.0.mlp.down_proj").r, 16);
+  EXPECT_EQ(config.for_module("model.layers.1.mlp.down_proj").r, 4);   // the longer key wins
+  EXPECT_EQ(config.for_module("model.layers.0.mlp.up_proj").r, 8);
+  EXPECT_EQ(config.for_module("model.layers.0.self_attn.q_proj").alpha, 64);
+  EXPECT_EQ(config.for_module("model.layers.0.self_attn.q_proj").r, 8);
+  EXPECT_EQ(config.for_module("model.layers.0.mlp.xdown_proj").r, 8) << "suffix matches need a dot boundary";
+
+  // Kaiming-uniform(a = sqrt(5)) on [r, in] is U(-1/sqrt(in), 1/sqrt(in)); B starts at zero.
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(3);
+  LoraConfig plain;
+  plain.r = 64;
+  LoraAdapter adapter(400, 32, plain, generator);
+  const double bound = 1.0 / std::sqrt(400.0);
+  EXPECT_LE(adapter->lora_A.abs().max().item<double>(), bound);
+  EXPECT_GT(adapter->lora_A.abs().max().item<double>(), 0.95 * bound);
+  EXPECT_NEAR(adapter->lora_A.std().item<double>(), bound / std::sqrt(3.0), 0.02 * bound);
+  EXPECT_EQ(adapter->lora_B.abs().max().item<double>(), 0.0);
+  plain.init = "gaussian";
+  LoraAdapter gaussian(400, 32, plain, generator);
+  EXPECT_NEAR(gaussian->lora_A.std().item<double>(), 1.0 / 64, 0.02 / 64);
+}
 
 }  // namespace
 }  // namespace qlora::model
