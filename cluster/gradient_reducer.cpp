@@ -50,7 +50,7 @@ int64_t GradientReducer::buffer_bytes() const {
   return total;
 }
 
-void GradientReducer::begin_step() {
+void GradientReducer::begin_step(bool last_micro_step) {
   for (auto& bucket : buckets_) {
     assert(!bucket.pending);
     bucket.ready = 0;
@@ -59,15 +59,19 @@ void GradientReducer::begin_step() {
   received_.assign(parameters_.size(), 0);
   next_to_launch_ = 0;
   launched_during_backward_ = 0;
-  in_step_ = true;
+  in_step_ = last_micro_step;
 }
 
 void GradientReducer::on_gradient(size_t parameter_index, const torch::Tensor& gradient) {
   if (!in_step_) return;
   Bucket& bucket = buckets_[bucket_of_[parameter_index]];
   torch::NoGradGuard no_grad;
-  bucket.flat.narrow(0, offset_of_[parameter_index], parameters_[parameter_index].numel())
-      .copy_(gradient.reshape({-1}));
+  auto slice = bucket.flat.narrow(0, offset_of_[parameter_index], parameters_[parameter_index].numel());
+  const torch::Tensor& accumulated = parameters_[parameter_index].grad();
+  if (accumulated.defined())
+    torch::add_out(slice, accumulated.reshape({-1}), gradient.reshape({-1}));
+  else
+    slice.copy_(gradient.reshape({-1}));
   received_[parameter_index] = 1;
   ++bucket.ready;
   if (overlap_) launch_ready_buckets(false);

@@ -23,7 +23,9 @@ class GradientReducer {
   GradientReducer(const GradientReducer&) = delete;
   GradientReducer& operator=(const GradientReducer&) = delete;
 
-  void begin_step();
+  // Call before each backward. Only the last micro-step of an accumulated step reduces: its hooks
+  // add the gradients accumulated so far (in .grad) to the one arriving.
+  void begin_step(bool last_micro_step = true);
   // Launches what backward left unlaunched, waits for every bucket, and stores the averaged
   // gradients in each parameter's grad(). Returns the seconds spent waiting here.
   double finish_step();

@@ -6,6 +6,7 @@
 
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -83,7 +84,7 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
   po::options_description options("qlora convert options");
   options.add_options()
       ("help,h", "show this help")
-      ("from", po::value<std::string>(), "Hugging Face model folder (config.json + *.safetensors)")
+      ("from", po::value<std::string>(), "Hugging Face model folder (config.json + *.safetensors) or a llama GGUF file (*.gguf)")
       ("synthetic", po::value<std::string>(), "write a random model instead: micro | tiny | small")
       ("out", po::value<std::string>(), "output model store (model.h5)")
       ("quant-type", po::value<std::string>()->default_value("nf4"), "nf4 | fp4 | none (keep the source dtype)")
@@ -91,7 +92,7 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
       ("seed", po::value<uint64_t>()->default_value(1234), "random seed of synthetic models");
   const auto values = parse(arguments, options, "convert");
   if (values.count("help")) {
-    print_help("usage: qlora convert (--from HF_DIR | --synthetic tiny) --out model.h5", options);
+    print_help("usage: qlora convert (--from HF_DIR | --from MODEL.gguf | --synthetic tiny) --out model.h5", options);
     return 0;
   }
   if (!values.count("out")) throw UserError("--out is required", "e.g. qlora convert --synthetic tiny --out model.h5");
@@ -118,10 +119,12 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
       if (terminal)
         std::printf("\r  %lld/%lld %-60s", static_cast<long long>(done), static_cast<long long>(total), name.c_str());
     };
-    const auto summary = values.count("from")
-                             ? shard::convert_hf_directory(values["from"].as<std::string>(), out, convert_options, progress)
-                             : shard::convert_synthetic(values["synthetic"].as<std::string>(), out, convert_options,
-                                                        progress);
+    const std::string from = values.count("from") ? values["from"].as<std::string>() : "";
+    const bool from_gguf = from.size() > 5 && from.compare(from.size() - 5, 5, ".gguf") == 0;
+    const auto summary = from_gguf          ? shard::convert_gguf_file(from, out, convert_options, progress)
+                         : !from.empty()    ? shard::convert_hf_directory(from, out, convert_options, progress)
+                                            : shard::convert_synthetic(values["synthetic"].as<std::string>(), out,
+                                                                       convert_options, progress);
     if (terminal) std::printf("\r%90s\r", "");
     char line[300];
     std::snprintf(line, sizeof line,
@@ -226,16 +229,29 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   data_options.add_options()
       ("model", po::value<std::string>(), "4-bit model store (qlora convert); omitted: the embedded synthetic demo model")
       ("data", po::value<std::string>(), "text file or folder of .txt files; omitted: the embedded Austen excerpt")
+      ("eval-data", po::value<std::string>(), "separate evaluation text (default: a held-out tail of --data)")
+      ("eval-fraction", po::value<double>()->default_value(train.eval_fraction), "held-out share of --data for evaluation")
       ("out", po::value<std::string>()->default_value(train.out_dir), "run folder: metrics, memory report, adapter");
   po::options_description schedule_options("Schedule");
   schedule_options.add_options()
       ("steps", po::value<int64_t>()->default_value(train.steps), "optimizer steps")
       ("global-batch", po::value<int64_t>()->default_value(train.global_batch), "sequences per step over all ranks")
       ("seq-len", po::value<int64_t>()->default_value(train.sequence_length), "tokens per sequence")
-      ("lr", po::value<double>()->default_value(train.learning_rate), "AdamW learning rate")
+      ("micro-batch", po::value<int64_t>()->default_value(0),
+       "sequences per rank per forward; gradients accumulate over global-batch / ranks / micro-batch (0: no accumulation)")
+      ("lr", po::value<double>()->default_value(train.learning_rate), "AdamW peak learning rate")
+      ("lr-schedule", po::value<std::string>()->default_value(train.lr_schedule), "constant | cosine")
+      ("warmup-steps", po::value<int64_t>()->default_value(0), "linear warmup steps")
       ("weight-decay", po::value<double>()->default_value(train.weight_decay), "AdamW weight decay")
       ("max-grad-norm", po::value<double>()->default_value(train.max_grad_norm), "global-norm clipping (0: off)")
-      ("seed", po::value<uint64_t>()->default_value(train.seed), "seed of adapters, data order and dropout");
+      ("seed", po::value<uint64_t>()->default_value(train.seed), "seed of adapters, data order and dropout")
+      ("eval-every", po::value<int64_t>()->default_value(0), "evaluate every K steps (0: only at the end)")
+      ("eval-batches", po::value<int64_t>()->default_value(train.eval_batches), "evaluation windows, in global batches")
+      ("save-every", po::value<int64_t>()->default_value(0), "checkpoint every K steps (0: only the final one)")
+      ("keep-checkpoints", po::value<int>()->default_value(train.keep_checkpoints), "newest checkpoints kept (0: all)")
+      ("resume", po::value<std::string>()->default_value(""), "auto (newest checkpoint under --out, if any) or a checkpoint folder")
+      ("max-bad-steps", po::value<int>()->default_value(train.max_bad_steps),
+       "consecutive non-finite steps skipped before the run stops");
   po::options_description lora_options("LoRA");
   lora_options.add_options()
       ("lora-r", po::value<int64_t>()->default_value(train.lora.r), "adapter rank")
@@ -261,7 +277,8 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
       ("threads", po::value<int>()->default_value(0), "compute threads per rank (0: cores / ranks on the node)")
       ("backend", po::value<std::string>()->default_value("auto"), "collectives: auto | mpi | nccl");
   po::options_description general("General");
-  general.add_options()("help,h", "show this help")("config", po::value<std::string>(), "INI file with any of these options");
+  general.add_options()("help,h", "show this help")
+      ("progress", po::value<std::string>()->default_value("auto"), "auto | bar | lines")("config", po::value<std::string>(), "INI file with any of these options");
   po::options_description all("qlora train options");
   all.add(data_options).add(schedule_options).add(lora_options).add(memory_options).add(general);
   const auto values = parse(arguments, all, "train");
@@ -271,6 +288,21 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   }
 
   train.data_path = values.count("data") ? values["data"].as<std::string>() : "";
+  train.eval_data_path = values.count("eval-data") ? values["eval-data"].as<std::string>() : "";
+  train.eval_fraction = values["eval-fraction"].as<double>();
+  train.micro_batch = values["micro-batch"].as<int64_t>();
+  train.lr_schedule = values["lr-schedule"].as<std::string>();
+  train.warmup_steps = values["warmup-steps"].as<int64_t>();
+  train.eval_every = values["eval-every"].as<int64_t>();
+  train.eval_batches = values["eval-batches"].as<int64_t>();
+  train.save_every = values["save-every"].as<int64_t>();
+  train.keep_checkpoints = values["keep-checkpoints"].as<int>();
+  train.resume = values["resume"].as<std::string>();
+  train.max_bad_steps = values["max-bad-steps"].as<int>();
+  train.progress = values["progress"].as<std::string>();
+  if (!train.resume.empty() && train.resume != "auto" && !std::filesystem::is_directory(train.resume))
+    throw UserError("--resume " + train.resume + ": no such checkpoint folder",
+                    "use --resume auto or a runs/NAME/checkpoints/step-K folder");
   train.out_dir = values["out"].as<std::string>();
   train.steps = values["steps"].as<int64_t>();
   train.global_batch = values["global-batch"].as<int64_t>();
@@ -343,6 +375,9 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
          << "\n  steps " << train.steps << ", global batch " << train.global_batch << " x " << train.sequence_length
          << " tokens, lr " << train.learning_rate << ", checkpointing " << checkpointing << ", out " << train.out_dir;
   train.banner = banner.str();
+  // SLURM's --signal (and a user's kill) ask for a checkpoint before the job ends.
+  std::signal(SIGTERM, request_stop);
+  std::signal(SIGUSR1, request_stop);
   run_training(train, context.communicator);
   return 0;
 }

@@ -79,4 +79,21 @@ std::pair<torch::Tensor, torch::Tensor> BatchSampler::batch(int64_t step, int ra
   return {inputs, targets};
 }
 
+int64_t BatchSampler::window_count() const { return std::max<int64_t>(0, (token_count() - 1) / sequence_length_); }
+
+std::pair<torch::Tensor, torch::Tensor> BatchSampler::sequential(int64_t count, int rank, int world) const {
+  const int64_t rows = count / world;
+  const int64_t first_window = rows * rank;
+  auto inputs = torch::empty({rows, sequence_length_}, torch::kLong);
+  auto targets = torch::empty({rows, sequence_length_}, torch::kLong);
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t start = (first_window + row) * sequence_length_;
+    std::copy(tokens_.begin() + start, tokens_.begin() + start + sequence_length_,
+              inputs.data_ptr<int64_t>() + row * sequence_length_);
+    std::copy(tokens_.begin() + start + 1, tokens_.begin() + start + 1 + sequence_length_,
+              targets.data_ptr<int64_t>() + row * sequence_length_);
+  }
+  return {inputs, targets};
+}
+
 }  // namespace qlora::launcher

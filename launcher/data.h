@@ -25,6 +25,10 @@ class BatchSampler {
   // next-token targets, each int64 [rows, sequence_length].
   std::pair<torch::Tensor, torch::Tensor> batch(int64_t step, int rank, int world) const;
   int64_t token_count() const { return static_cast<int64_t>(tokens_.size()); }
+  // Consecutive, non-overlapping windows (for evaluation): how many fit, and rows
+  // [rank*count/world, (rank+1)*count/world) of the first `count` of them.
+  int64_t window_count() const;
+  std::pair<torch::Tensor, torch::Tensor> sequential(int64_t count, int rank, int world) const;
 
  private:
   std::vector<int64_t> tokens_;

@@ -12,6 +12,7 @@
 #include "cluster/rank_layout.h"
 #include "launcher/commands.h"
 #include "launcher/errors.h"
+#include "launcher/train.h"
 #include "model/llama.h"
 #include "prepare/prepare.h"
 #include "shard/safetensors.h"
@@ -63,6 +64,8 @@ int main(int argc, char** argv) {
     } catch (const qlora::prepare::PrepareError& error) {
       report_user_error(error.what(), "");
       exit_code = qlora::kExitUserError;
+    } catch (const qlora::launcher::Preempted& error) {
+      exit_code = qlora::launcher::kExitPreempted;
     } catch (const qlora::JobError& error) {
       report_user_error(error.what(), "");
       exit_code = qlora::kExitJobError;

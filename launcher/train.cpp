@@ -3,7 +3,11 @@
 // memory around every phase; rank 0 writes the adapter, metrics and memory report.
 #include "launcher/train.h"
 
+#include <unistd.h>
+
+#include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -12,8 +16,10 @@
 #include "cluster/gradient_reducer.h"
 #include "cluster/log.h"
 #include "launcher/adapter_io.h"
+#include "launcher/checkpoint.h"
 #include "launcher/data.h"
 #include "launcher/demo.h"
+#include "launcher/optimizer.h"
 #include "launcher/errors.h"
 #include "shard/converter.h"
 #include "shard/json.h"
@@ -70,13 +76,96 @@ void check_adapters_agree(cluster::Communicator& communicator, model::LlamaModel
 
 namespace {
 
-std::string format_step_line(int64_t step, int64_t steps, double loss, double learning_rate, double tokens_per_second,
-                             double step_seconds) {
-  char line[200];
-  std::snprintf(line, sizeof line, "step %4lld/%lld  loss %.4f  lr %.2e  %8.0f tokens/s  %.3f s/step",
-                static_cast<long long>(step), static_cast<long long>(steps), loss, learning_rate, tokens_per_second,
-                step_seconds);
-  return line;
+std::string format_duration(double seconds) {
+  const int64_t total = static_cast<int64_t>(seconds + 0.5);
+  char text[32];
+  if (total >= 3600)
+    std::snprintf(text, sizeof text, "%lld:%02lld:%02lld", static_cast<long long>(total / 3600),
+                  static_cast<long long>(total / 60 % 60), static_cast<long long>(total % 60));
+  else
+    std::snprintf(text, sizeof text, "%lld:%02lld", static_cast<long long>(total / 60), static_cast<long long>(total % 60));
+  return text;
+}
+
+// mpirun hands its ranks a pseudo-terminal even when its own output goes to a file, so a rank's
+// isatty() says nothing under a launcher: draw the bar only for a plain process on a terminal.
+bool draws_on_a_terminal() {
+  return isatty(fileno(stdout)) != 0 && std::getenv("OMPI_COMM_WORLD_SIZE") == nullptr &&
+         std::getenv("SLURM_STEP_ID") == nullptr;
+}
+
+// One line per step in logs; on a terminal, a bar redrawn in place.
+class Progress {
+ public:
+  Progress(int64_t first_step, int64_t steps, bool enabled, const std::string& style)
+      : first_step_(first_step), steps_(steps), enabled_(enabled && cluster::log::is_root()),
+        terminal_(style == "bar" || (style == "auto" && draws_on_a_terminal())), start_(Clock::now()) {}
+  void step(int64_t step, double loss, double learning_rate, double tokens_per_second, double step_seconds) {
+    if (!enabled_) return;
+    const double elapsed = seconds_since(start_);
+    const double eta = elapsed / static_cast<double>(step - first_step_) * static_cast<double>(steps_ - step);
+    char line[256];
+    if (terminal_) {
+      const int width = 24;
+      const int filled = static_cast<int>(width * step / std::max<int64_t>(1, steps_));
+      std::string bar(static_cast<size_t>(filled), '#');
+      bar.resize(width, '.');
+      std::snprintf(line, sizeof line, "\r[%s] step %lld/%lld  loss %.4f  lr %.2e  %.0f tokens/s  ETA %s   ",
+                    bar.c_str(), static_cast<long long>(step), static_cast<long long>(steps_), loss, learning_rate,
+                    tokens_per_second, format_duration(eta).c_str());
+      std::fputs(line, stdout);
+      if (step == steps_) std::fputs("\n", stdout);
+      std::fflush(stdout);
+    } else {
+      std::snprintf(line, sizeof line, "step %4lld/%lld  loss %.4f  lr %.2e  %8.0f tokens/s  %.3f s/step  ETA %s",
+                    static_cast<long long>(step), static_cast<long long>(steps_), loss, learning_rate,
+                    tokens_per_second, step_seconds, format_duration(eta).c_str());
+      cluster::log::banner(line);
+    }
+  }
+  // Lines that interrupt the bar start on a fresh line.
+  void message(const std::string& text) {
+    if (!cluster::log::is_root()) return;
+    if (enabled_ && terminal_) std::fputs("\n", stdout);
+    cluster::log::banner(text);
+  }
+
+ private:
+  int64_t first_step_;
+  int64_t steps_;
+  bool enabled_;
+  bool terminal_;
+  Clock::time_point start_;
+};
+
+std::atomic<int> g_stop_signal{0};
+
+// Mean next-token loss over fixed evaluation windows. Every rank runs the same number of forwards
+// (each forward gathers blocks collectively), summing loss and token counts before averaging.
+double evaluate(model::LlamaModelImpl& model, const BatchSampler& windows, int64_t window_count, int64_t rows_per_forward,
+                cluster::Communicator& communicator) {
+  const int world = communicator.size();
+  const int64_t per_rank = window_count / world;
+  if (per_rank == 0) return std::nan("");
+  const bool was_training = model.is_training();
+  model.eval();
+  torch::NoGradGuard no_grad;
+  double loss_sum = 0.0;
+  double token_count = 0.0;
+  const auto [inputs, targets] = windows.sequential(per_rank * world, communicator.rank(), world);
+  for (int64_t row = 0; row < per_rank; row += rows_per_forward) {
+    const int64_t rows = std::min(rows_per_forward, per_rank - row);
+    auto logits = model.forward(inputs.narrow(0, row, rows));
+    auto losses = torch::nn::functional::cross_entropy(
+        logits.view({-1, logits.size(-1)}), targets.narrow(0, row, rows).reshape({-1}),
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    loss_sum += losses.item<double>();
+    token_count += static_cast<double>(targets.narrow(0, row, rows).numel());
+  }
+  if (was_training) model.train();
+  float totals[2] = {static_cast<float>(loss_sum), static_cast<float>(token_count)};
+  communicator.all_reduce(totals, 2, cluster::ReduceOp::sum);
+  return static_cast<double>(totals[0]) / static_cast<double>(totals[1]);
 }
 
 }  // namespace
@@ -99,6 +188,16 @@ void validate_options(const TrainOptions& options, int world) {
   if (options.gather_slots < 1) throw UserError("--gather-slots must be at least 1");
   if (options.bucket_mb <= 0) throw UserError("--bucket-mb must be positive");
   if (options.check_every < 0) throw UserError("--check-every must be 0 (never) or positive");
+  if (options.lr_schedule != "constant" && options.lr_schedule != "cosine")
+    throw UserError("--lr-schedule must be constant or cosine");
+  if (options.warmup_steps < 0) throw UserError("--warmup-steps must not be negative");
+  if (options.micro_batch < 0) throw UserError("--micro-batch must be positive (or 0: the rank's whole share)");
+  if (options.eval_fraction < 0 || options.eval_fraction > 0.5) throw UserError("--eval-fraction must be in [0, 0.5]");
+  if (options.eval_every < 0 || options.eval_batches < 1) throw UserError("--eval-every must be >= 0, --eval-batches >= 1");
+  if (options.save_every < 0) throw UserError("--save-every must be 0 (final only) or positive");
+  if (options.max_bad_steps < 1) throw UserError("--max-bad-steps must be at least 1");
+  if (options.progress != "auto" && options.progress != "bar" && options.progress != "lines")
+    throw UserError("--progress must be auto, bar or lines");
   try {
     options.lora.resolved_targets();
   } catch (const std::invalid_argument& error) {
@@ -122,6 +221,8 @@ std::string ensure_demo_model(cluster::Communicator& communicator, const cluster
   return path;
 }
 
+void request_stop(int signal_number) { g_stop_signal.store(signal_number); }
+
 TrainResult run_training(const TrainOptions& options, cluster::Communicator& communicator,
                          const std::function<void(model::LlamaModelImpl&)>& inspect) {
   const int rank = communicator.rank();
@@ -136,10 +237,19 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
   memory.rank = rank;
   std::unique_ptr<shard::ModelStore> store;
   std::unique_ptr<BatchSampler> sampler;
+  std::unique_ptr<BatchSampler> eval_windows;
+  int64_t eval_window_count = 0;
   model::LlamaModel model{nullptr};
+  const int64_t rows_per_rank = options.global_batch / world;
+  const int64_t micro_batch = options.micro_batch > 0 ? options.micro_batch : rows_per_rank;
+  const int64_t micro_steps = rows_per_rank / micro_batch;
 
   // Everything a user can get wrong surfaces here, on every rank at once (see run_collectively).
   run_collectively(communicator, [&] {
+    if (rows_per_rank % micro_batch != 0)
+      throw UserError("--micro-batch " + std::to_string(micro_batch) + " does not divide the " +
+                          std::to_string(rows_per_rank) + " sequences each rank gets per step",
+                      "pick a divisor of --global-batch / ranks");
     store = shard::ModelStore::open(options.model_path);
     check_world_fits(*store, world);
     const shard::ModelConfig& config = store->header().config;
@@ -148,14 +258,31 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     if (config.vocab_size < 256)
       throw UserError("model vocabulary (" + std::to_string(config.vocab_size) +
                       ") is smaller than the 256 byte-level tokens the data uses");
-    const std::string text =
-        options.data_path.empty() ? std::string(demo_text()) : read_text_source(options.data_path);
-    sampler = std::make_unique<BatchSampler>(byte_tokens(text), options.sequence_length, options.global_batch,
+    std::vector<int64_t> tokens =
+        byte_tokens(options.data_path.empty() ? std::string(demo_text()) : read_text_source(options.data_path));
+    std::vector<int64_t> eval_tokens;
+    if (!options.eval_data_path.empty()) {
+      eval_tokens = byte_tokens(read_text_source(options.eval_data_path));
+    } else if (options.eval_fraction > 0) {
+      const auto held_out = static_cast<size_t>(static_cast<double>(tokens.size()) * options.eval_fraction);
+      eval_tokens.assign(tokens.end() - static_cast<std::ptrdiff_t>(held_out), tokens.end());
+      tokens.resize(tokens.size() - held_out);
+    }
+    sampler = std::make_unique<BatchSampler>(std::move(tokens), options.sequence_length, options.global_batch,
                                              options.seed);
     if (sampler->token_count() < options.sequence_length + 2)
       throw UserError("the training text has " + std::to_string(sampler->token_count()) +
                           " tokens, fewer than --seq-len + 2",
                       "use more text or a shorter --seq-len");
+    if (!eval_tokens.empty()) {
+      eval_windows = std::make_unique<BatchSampler>(std::move(eval_tokens), options.sequence_length,
+                                                    options.global_batch, options.seed);
+      eval_window_count = std::min(options.eval_batches * options.global_batch, eval_windows->window_count());
+      if (eval_window_count < world)
+        throw UserError("the evaluation text holds " + std::to_string(eval_windows->window_count()) +
+                            " windows of --seq-len + 1 tokens, fewer than the " + std::to_string(world) + " ranks",
+                        "use more evaluation text, a larger --eval-fraction, or --eval-fraction 0");
+    }
 
     torch::manual_seed(options.seed);
     model = model::LlamaModel(*store, communicator, options.gather_slots);
@@ -193,94 +320,188 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
                                    options.overlap_reduce);
   const int64_t bucket_bytes = cluster::MemoryCounter::current_bytes() - before_bucket;
   model->gatherer().set_prefetch(options.prefetch);
-  torch::optim::AdamW optimizer(parameters, torch::optim::AdamWOptions(options.learning_rate)
-                                                .weight_decay(options.weight_decay)
-                                                .betas({0.9, 0.999})
-                                                .eps(1e-8));
+  AdamWOptions adam;
+  adam.weight_decay = options.weight_decay;
+  AdamW optimizer(parameters, adam);
+  Schedule schedule;
+  schedule.kind = options.lr_schedule;
+  schedule.peak = options.learning_rate;
+  schedule.warmup_steps = options.warmup_steps;
+  schedule.total_steps = options.steps;
+  const std::string base_model = store->header().source.empty() ? options.model_path : store->header().source;
+
+  int64_t first_step = 0;
+  if (!options.resume.empty()) {
+    std::string from = options.resume;
+    if (from == "auto") {
+      // Rank 0 decides (it is the one that writes checkpoints) and tells the others.
+      std::string found = rank == 0 ? latest_checkpoint(options.out_dir) : "";
+      int64_t length = static_cast<int64_t>(found.size());
+      communicator.broadcast(&length, sizeof length, 0);
+      found.resize(static_cast<size_t>(length));
+      communicator.broadcast(found.data(), length, 0);
+      from = found;
+    }
+    if (!from.empty()) {
+      const CheckpointInfo info = load_checkpoint(from, communicator, *model, optimizer);
+      if (info.seed != options.seed || info.global_batch != options.global_batch ||
+          info.sequence_length != options.sequence_length)
+        cluster::log::banner("warning: resuming with a different seed, global batch or sequence length than " + from +
+                             " was trained with; the data order will not continue where it stopped");
+      first_step = info.step;
+      cluster::log::banner("resumed from " + from + " at step " + std::to_string(first_step));
+    } else {
+      cluster::log::banner("--resume auto: no checkpoint under " + options.out_dir + "/checkpoints; starting fresh");
+    }
+  }
+  result.first_step = first_step;
 
   std::ofstream metrics;
   if (options.write_outputs && rank == 0) {
     std::filesystem::create_directories(options.out_dir);
-    metrics.open(options.out_dir + "/metrics.jsonl", std::ios::trunc);
+    metrics.open(options.out_dir + "/metrics.jsonl", first_step > 0 ? std::ios::app : std::ios::trunc);
   }
+  auto write_metrics = [&](const shard::Json& line) {
+    if (metrics.is_open()) metrics << line.dump() << "\n" << std::flush;
+  };
+  auto save = [&](int64_t step, const std::string& directory) {
+    if (!options.write_outputs || rank != 0) return;
+    CheckpointInfo info;
+    info.step = step;
+    info.seed = options.seed;
+    info.global_batch = options.global_batch;
+    info.sequence_length = options.sequence_length;
+    save_checkpoint(directory, *model, optimizer, info, base_model);
+  };
+  auto run_evaluation = [&](int64_t step, Progress& progress) {
+    if (!eval_windows) return;
+    const double loss = evaluate(*model, *eval_windows, eval_window_count, micro_batch, communicator);
+    result.eval_losses.emplace_back(step, loss);
+    char line[160];
+    std::snprintf(line, sizeof line, "eval  step %lld: loss %.4f  perplexity %.2f  (%lld windows of %lld tokens)",
+                  static_cast<long long>(step), loss, std::exp(loss),
+                  static_cast<long long>(eval_window_count / world * world),
+                  static_cast<long long>(options.sequence_length));
+    if (!options.quiet) progress.message(line);
+    shard::Json entry;
+    entry["step"] = step;
+    entry["eval_loss"] = loss;
+    entry["eval_perplexity"] = std::exp(loss);
+    write_metrics(entry);
+  };
 
   int64_t overall_peak = cluster::MemoryCounter::peak_bytes();
   const int64_t tokens_per_step = options.global_batch * options.sequence_length;
   double communication_seconds = 0.0;
+  int bad_steps_in_a_row = 0;
+  bool measured_step = false;
+  Progress progress(first_step, options.steps, !options.quiet, options.progress);
   const auto training_start = Clock::now();
-  for (int64_t step = 0; step < options.steps; ++step) {
+  int64_t step = first_step;
+  for (; step < options.steps; ++step) {
+    // A stop request (SIGTERM/SIGUSR1) is honoured only when every rank has seen the same answer.
+    float stop = static_cast<float>(g_stop_signal.load() != 0);
+    communicator.all_reduce(&stop, 1, cluster::ReduceOp::sum);
+    if (stop > 0) {
+      const std::string directory = options.out_dir + "/checkpoints/step-" + std::to_string(step);
+      save(step, directory);
+      communicator.barrier();
+      progress.message("stop requested (signal): checkpoint saved at step " + std::to_string(step) + " in " + directory +
+                       "; rerun with --resume auto to continue");
+      throw Preempted("stopped at step " + std::to_string(step) + " on request");
+    }
+
     const auto step_start = Clock::now();
     const double gather_wait_before = model->gatherer().stats().wait_seconds;
-    model->set_dropout_seed(options.seed * 1000003ull + static_cast<uint64_t>(step));
+    const double learning_rate = schedule.at(step);
     auto [inputs, targets] = sampler->batch(step, rank, world);
 
+    double local_loss = 0.0;
     overall_peak = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
     const int64_t resident = cluster::MemoryCounter::current_bytes();
-    cluster::MemoryCounter::reset_peak();
-    auto logits = model->forward(inputs);
-    auto loss = torch::nn::functional::cross_entropy(logits.view({-1, config.vocab_size}), targets.view({-1}));
-    memory.forward_activation_peak =
-        std::max(memory.forward_activation_peak, cluster::MemoryCounter::peak_bytes() - resident);
-    if (!loss.requires_grad())
-      throw UserError("no gradient can reach the adapters: the loss does not depend on any trainable parameter",
-                      "with reentrant gradient checkpointing the input embeddings' output must require grad "
-                      "(the preparation protocol's hook); do not disable it");
-
-    overall_peak = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
-    cluster::MemoryCounter::reset_peak();
-    reducer.begin_step();
-    loss.backward();
-    memory.backward_activation_peak =
-        std::max(memory.backward_activation_peak, cluster::MemoryCounter::peak_bytes() - resident);
-    logits = torch::Tensor();
-    const double local_loss = loss.item<double>();
-    loss = torch::Tensor();
-
+    for (int64_t micro = 0; micro < micro_steps; ++micro) {
+      model->set_dropout_seed((options.seed * 1000003ull + static_cast<uint64_t>(step)) * 131ull +
+                              static_cast<uint64_t>(micro));
+      auto micro_inputs = inputs.narrow(0, micro * micro_batch, micro_batch);
+      auto micro_targets = targets.narrow(0, micro * micro_batch, micro_batch);
+      cluster::MemoryCounter::reset_peak();
+      auto logits = model->forward(micro_inputs);
+      auto loss = torch::nn::functional::cross_entropy(logits.view({-1, config.vocab_size}), micro_targets.view({-1}));
+      memory.forward_activation_peak =
+          std::max(memory.forward_activation_peak, cluster::MemoryCounter::peak_bytes() - resident);
+      if (!loss.requires_grad())
+        throw UserError("no gradient can reach the adapters: the loss does not depend on any trainable parameter",
+                        "with reentrant gradient checkpointing the input embeddings' output must require grad "
+                        "(the preparation protocol's hook); do not disable it");
+      overall_peak = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
+      cluster::MemoryCounter::reset_peak();
+      reducer.begin_step(micro + 1 == micro_steps);
+      (loss / static_cast<double>(micro_steps)).backward();
+      memory.backward_activation_peak =
+          std::max(memory.backward_activation_peak, cluster::MemoryCounter::peak_bytes() - resident);
+      local_loss += loss.item<double>() / static_cast<double>(micro_steps);
+    }
     communication_seconds += reducer.finish_step();
-    if (options.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(parameters, options.max_grad_norm);
-    if (step == 0) memory.gradients = cluster::MemoryCounter::current_bytes() - resident + bucket_bytes;
+    const double global_loss = communicator.all_reduce_scalar(local_loss, cluster::ReduceOp::average);
+    // The reduced gradients are identical on every rank, so is their norm and the decision below.
+    const double gradient_norm =
+        torch::nn::utils::clip_grad_norm_(parameters, options.max_grad_norm > 0 ? options.max_grad_norm : 1e30);
+    if (!measured_step) memory.gradients = cluster::MemoryCounter::current_bytes() - resident + bucket_bytes;
 
+    if (!std::isfinite(global_loss) || !std::isfinite(gradient_norm)) {
+      optimizer.zero_grad();
+      ++result.skipped_steps;
+      progress.message("warning: step " + std::to_string(step + 1) + " skipped: loss " + std::to_string(global_loss) +
+                       ", gradient norm " + std::to_string(gradient_norm));
+      if (++bad_steps_in_a_row >= options.max_bad_steps)
+        throw UserError(std::to_string(bad_steps_in_a_row) + " steps in a row had a non-finite loss or gradient (last: step " +
+                            std::to_string(step + 1) + "); stopping without writing a checkpoint of this state",
+                        "lower --lr, add --warmup-steps, or check the data; earlier checkpoints are intact");
+      continue;
+    }
+    bad_steps_in_a_row = 0;
     const int64_t before_step = cluster::MemoryCounter::current_bytes();
-    optimizer.step();
-    if (step == 0) memory.optimizer_state = cluster::MemoryCounter::current_bytes() - before_step;
+    optimizer.step(learning_rate);
+    if (!measured_step) memory.optimizer_state = cluster::MemoryCounter::current_bytes() - before_step;
+    measured_step = true;
     optimizer.zero_grad();
 
-    const double global_loss = communicator.all_reduce_scalar(local_loss, cluster::ReduceOp::average);
     if (options.check_every > 0 && ((step + 1) % options.check_every == 0 || step + 1 == options.steps))
       check_adapters_agree(communicator, *model, step + 1);
-    if (!std::isfinite(global_loss))
-      throw UserError("the loss became " + std::to_string(global_loss) + " at step " + std::to_string(step + 1),
-                      "lower --lr or check the data");
     result.losses.push_back(global_loss);
     const double step_seconds = seconds_since(step_start);
-    const double exposed_gather = model->gatherer().stats().wait_seconds - gather_wait_before;
-    if (!options.quiet)
-      cluster::log::banner(format_step_line(step + 1, options.steps, global_loss, options.learning_rate,
-                                            tokens_per_step / step_seconds, step_seconds));
-    if (metrics.is_open()) {
-      shard::Json line;
-      line["step"] = step + 1;
-      line["loss"] = global_loss;
-      line["lr"] = options.learning_rate;
-      line["tokens_per_second"] = tokens_per_step / step_seconds;
-      line["step_seconds"] = step_seconds;
-      line["gather_wait_seconds"] = exposed_gather;
-      line["peak_bytes_rank0"] = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
-      metrics << line.dump() << "\n" << std::flush;
+    progress.step(step + 1, global_loss, learning_rate, tokens_per_step / step_seconds, step_seconds);
+    shard::Json line;
+    line["step"] = step + 1;
+    line["loss"] = global_loss;
+    line["lr"] = learning_rate;
+    line["grad_norm"] = gradient_norm;
+    line["tokens_per_second"] = tokens_per_step / step_seconds;
+    line["step_seconds"] = step_seconds;
+    line["gather_wait_seconds"] = model->gatherer().stats().wait_seconds - gather_wait_before;
+    line["peak_bytes_rank0"] = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
+    write_metrics(line);
+    if (options.eval_every > 0 && (step + 1) % options.eval_every == 0 && step + 1 < options.steps)
+      run_evaluation(step + 1, progress);
+    if (options.save_every > 0 && (step + 1) % options.save_every == 0 && step + 1 < options.steps) {
+      save(step + 1, options.out_dir + "/checkpoints/step-" + std::to_string(step + 1));
+      if (rank == 0) prune_checkpoints(options.out_dir, options.keep_checkpoints);
     }
   }
   const double training_seconds = seconds_since(training_start);
+  run_evaluation(options.steps, progress);
   overall_peak = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
   memory.peak_total = overall_peak;
   result.seconds = seconds_since(run_start);
-  result.tokens_per_second = static_cast<double>(tokens_per_step * options.steps) / training_seconds;
+  const int64_t steps_run = options.steps - first_step;
+  result.tokens_per_second = steps_run > 0 ? static_cast<double>(tokens_per_step * steps_run) / training_seconds : 0.0;
   result.gather = model->gatherer().stats();
   result.reduce_wait_seconds = communication_seconds;
   result.all_memory = cluster::gather_memory_reports(communicator, memory);
 
   if (rank == 0 && !options.quiet) {
     std::ostringstream summary;
-    summary << "trained " << options.steps << " steps in " << training_seconds << " s ("
+    summary << "trained " << steps_run << " steps in " << training_seconds << " s ("
             << static_cast<int64_t>(result.tokens_per_second) << " tokens/s over " << world << " rank"
             << (world > 1 ? "s" : "") << "); waiting on rank 0: gradient all-reduce " << communication_seconds
             << " s (" << reducer.bucket_count() << " bucket" << (reducer.bucket_count() > 1 ? "s" : "")
@@ -290,8 +511,9 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     cluster::log::banner(cluster::format_memory_table(result.all_memory));
   }
   if (options.write_outputs && rank == 0) {
-    write_peft_adapter(options.out_dir + "/final", model->named_lora_parameters(), options.lora,
-                       store->header().source.empty() ? options.model_path : store->header().source);
+    write_peft_adapter(options.out_dir + "/final", model->named_lora_parameters(), options.lora, base_model);
+    save(options.steps, options.out_dir + "/checkpoints/step-" + std::to_string(options.steps));
+    prune_checkpoints(options.out_dir, options.keep_checkpoints);
     write_file_atomically(options.out_dir + "/memory.json", cluster::memory_reports_json(result.all_memory));
     if (!options.quiet) cluster::log::banner("adapter written to " + options.out_dir + "/final (PEFT format)");
   }

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -24,7 +25,10 @@ struct TrainOptions {
   int64_t steps = 50;
   int64_t global_batch = 8;        // sequences per optimizer step, over all ranks
   int64_t sequence_length = 128;
+  int64_t micro_batch = 0;         // sequences per rank per forward; 0: all of the rank's share at once
   double learning_rate = 2e-3;
+  std::string lr_schedule = "constant";  // constant | cosine
+  int64_t warmup_steps = 0;
   double weight_decay = 0.0;
   double max_grad_norm = 1.0;      // 0 disables clipping
   uint64_t seed = 1234;
@@ -36,8 +40,17 @@ struct TrainOptions {
   bool overlap_reduce = true;      // reduce each bucket as soon as backward fills it
   int64_t check_every = 50;        // compare adapter checksums across ranks every K steps (0: never)
   int threads = 0;                 // 0: cores / ranks on the node
+  std::string eval_data_path;      // separate evaluation text; empty: a held-out tail of the data
+  double eval_fraction = 0.1;      // held-out share of the training text when eval_data_path is empty
+  int64_t eval_every = 0;          // evaluate every K steps (0: only at the end)
+  int64_t eval_batches = 4;        // evaluation windows = eval_batches x global_batch (at most)
+  int64_t save_every = 0;          // checkpoint every K steps (0: only the final one)
+  int keep_checkpoints = 3;        // newest checkpoints kept (0: all)
+  std::string resume;              // "" | "auto" (newest complete checkpoint, if any) | a checkpoint folder
+  int max_bad_steps = 3;           // consecutive non-finite steps tolerated before the run stops
   bool write_outputs = true;       // tests switch off the run folder
   bool quiet = false;              // no per-step lines
+  std::string progress = "auto";   // auto (a bar on a terminal, lines otherwise) | bar | lines
   std::string banner;              // printed by rank 0 once setup has succeeded everywhere
 };
 
@@ -50,6 +63,9 @@ struct TrainResult {
   double tokens_per_second = 0.0;
   cluster::GatherStats gather;
   double reduce_wait_seconds = 0.0;  // rank's time blocked finishing gradient reductions
+  int64_t first_step = 0;          // 0, or the step a resumed run continued from
+  int64_t skipped_steps = 0;       // steps skipped for a non-finite loss or gradient
+  std::vector<std::pair<int64_t, double>> eval_losses;  // (step, loss)
 };
 
 // Throws UserError for options that cannot work (checked identically on every rank); the model
@@ -60,6 +76,16 @@ void validate_options(const TrainOptions& options, int world);
 // destroyed (tests use it to check adapters and frozen weights).
 TrainResult run_training(const TrainOptions& options, cluster::Communicator& communicator,
                          const std::function<void(model::LlamaModelImpl&)>& inspect = {});
+
+// Asks the training loop to checkpoint and stop at the next step boundary (SIGTERM / SIGUSR1, as
+// SLURM sends before a time limit). Async-signal-safe.
+void request_stop(int signal_number);
+// Exit code of a run that stopped on such a request after saving its checkpoint (EX_TEMPFAIL): a
+// requeued job started with --resume auto continues from it.
+constexpr int kExitPreempted = 75;
+struct Preempted : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // Collective: compares a checksum of every rank's adapters with rank 0's; on any difference every
 // rank throws JobError naming the ranks that drifted.

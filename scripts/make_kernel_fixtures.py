@@ -195,7 +195,7 @@ def write_int8_case(directory, name, weight, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description="Write the golden fixtures of the kernels/ codecs.")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=None, help="output folder (default tests/fixtures/kernels[/cuda])")
     args = parser.parse_args()

@@ -6,12 +6,14 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 #include <vector>
 
 #include "kernels/dtype.h"
 #include "kernels/nf4.h"
+#include "shard/gguf.h"
 #include "shard/safetensors.h"
 
 namespace qlora::shard {
@@ -193,6 +195,87 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
     }
     summary.parameters += numel;
     summary.source_bytes += entry.end - entry.begin;
+    ++summary.tensors;
+    if (progress) progress(summary.tensors, static_cast<int64_t>(names.size()), name);
+  }
+  writer.set_source_checksum(checksum.hex());
+  writer.finish();
+  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return summary;
+}
+
+ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string& out_path,
+                                 const ConvertOptions& options, const ConvertProgress& progress) {
+  validate_blocksize(options.blocksize);
+  const auto start = std::chrono::steady_clock::now();
+  const auto file = GgufFile::open(gguf_path);
+  const ModelConfig config = llama_config_from_gguf(*file);
+
+  std::map<std::string, const GgufTensor*> by_hf_name;
+  for (const GgufTensor& tensor : file->tensors()) {
+    const std::string hf_name = llama_hf_tensor_name(tensor.name);
+    if (!hf_name.empty()) by_hf_name.emplace(hf_name, &tensor);
+  }
+
+  ModelStoreWriter writer(out_path,
+                          header_for(config, options, std::filesystem::path(gguf_path).filename().string(), "gguf"));
+  Fnv1a64 checksum;
+  ConvertSummary summary;
+  const auto names = config.tensor_names();
+  std::vector<uint8_t> reordered;
+  std::vector<float> values;
+  for (const auto& name : names) {
+    const auto found = by_hf_name.find(name);
+    if (found == by_hf_name.end())
+      throw FormatError(gguf_path + ": no tensor '" + llama_gguf_tensor_name(name) + "' (Hugging Face '" + name +
+                        "'), which the model's metadata implies");
+    const GgufTensor& tensor = *found->second;
+    const std::string where = gguf_path + ": tensor '" + tensor.name + "'";
+    const auto expected = config.expected_shape(name);
+    if (tensor.shape != expected)
+      throw FormatError(where + " has shape " + shape_text(tensor.shape) + " but the metadata implies " +
+                        shape_text(expected));
+    if (!ggml_type_dequantizable(tensor.type))
+      throw FormatError(where + " is " + ggml_type_name(tensor.type) +
+                        ", which qlora cannot import (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
+    const uint8_t* data = file->data(tensor);
+    checksum.update(data, tensor.bytes);
+
+    // Whole rows move, so Q and K go back to Hugging Face order before any decoding, whatever the type.
+    auto ends_with = [&name](const std::string& suffix) {
+      return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    };
+    const bool is_q = ends_with(".q_proj.weight");
+    const bool is_k = ends_with(".k_proj.weight");
+    if (is_q || is_k) {
+      const int64_t rows = tensor.shape.front();
+      reordered.resize(tensor.bytes);
+      unpermute_llama_rows(data, reordered.data(), rows, tensor.bytes / static_cast<uint64_t>(rows),
+                           is_q ? config.num_attention_heads : config.num_key_value_heads);
+      data = reordered.data();
+    }
+
+    const bool dense_type =
+        tensor.type == ggml_type::f32 || tensor.type == ggml_type::f16 || tensor.type == ggml_type::bf16;
+    const kernels::DType dense_dtype = tensor.type == ggml_type::f16    ? kernels::DType::f16
+                                       : tensor.type == ggml_type::bf16 ? kernels::DType::bf16
+                                                                        : kernels::DType::f32;
+    const int64_t numel = tensor.numel();
+    if (ModelConfig::is_block_linear(name) && options.quantize) {
+      values.resize(static_cast<size_t>(numel));
+      dequantize_ggml(tensor.type, data, numel, values.data());
+      write_quantized(writer, name, tensor.shape, dense_dtype, values, options, gguf_path, summary);
+    } else if (dense_type) {
+      writer.add_dense(name, tensor.shape, dense_dtype, data);
+      summary.store_bytes += tensor.bytes;
+    } else {
+      values.resize(static_cast<size_t>(numel));
+      dequantize_ggml(tensor.type, data, numel, values.data());
+      writer.add_dense(name, tensor.shape, kernels::DType::f32, values.data());
+      summary.store_bytes += static_cast<uint64_t>(numel) * sizeof(float);
+    }
+    summary.parameters += numel;
+    summary.source_bytes += tensor.bytes;
     ++summary.tensors;
     if (progress) progress(summary.tensors, static_cast<int64_t>(names.size()), name);
   }

@@ -1,4 +1,4 @@
-// Writes model.h5 from a Hugging Face safetensors checkpoint or from a synthetic random model,
+// Writes model.h5 from a Hugging Face safetensors checkpoint, a GGUF file or a synthetic random model,
 // streaming one tensor at a time so peak memory stays near the largest tensor.
 #pragma once
 
@@ -37,5 +37,12 @@ ConvertSummary convert_synthetic(const std::string& preset, const std::string& o
                                  const ConvertOptions& options, const ConvertProgress& progress = {});
 ConvertSummary convert_hf_directory(const std::string& directory, const std::string& out_path,
                                     const ConvertOptions& options, const ConvertProgress& progress = {});
+
+// A llama-architecture GGUF file (tensors F32, F16, BF16, Q8_0, Q4_0 or Q4_1). Block linears are
+// dequantized to fp32, their Q/K rows put back into Hugging Face order, and quantized when
+// options.quantize; every other tensor keeps its dtype when it is F32/F16/BF16 and is stored as
+// fp32 otherwise. The tokenizer stays in the GGUF file: the store's tokenizer attribute is "gguf".
+ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string& out_path,
+                                 const ConvertOptions& options, const ConvertProgress& progress = {});
 
 }  // namespace qlora::shard

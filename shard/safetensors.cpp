@@ -282,7 +282,26 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   if (mapping == MAP_FAILED) fail(path, "cannot map: " + errno_text(map_error));
   file->mapping_ = static_cast<const uint8_t*>(mapping);
   file->file_size_ = size;
+  file->owns_mapping_ = true;
+  file->parse_image();
+  return file;
+}
 
+std::unique_ptr<SafetensorsFile> SafetensorsFile::parse(const uint8_t* bytes, uint64_t size,
+                                                        const std::string& label) {
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = label;
+  if (size < 8) fail(label, "file is " + std::to_string(size) + " bytes, too short for the 8-byte header length");
+  file->mapping_ = bytes;
+  file->file_size_ = size;
+  file->parse_image();
+  return file;
+}
+
+void SafetensorsFile::parse_image() {
+  SafetensorsFile* file = this;
+  const std::string& path = path_;
+  const uint64_t size = file_size_;
   const uint8_t* bytes = file->mapping_;
   uint64_t header_length = 0;
   for (int i = 7; i >= 0; --i) header_length = (header_length << 8) | bytes[i];
@@ -350,11 +369,10 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   }
 
   for (size_t i = 0; i < file->entries_.size(); ++i) file->index_.emplace(file->entries_[i].name, i);
-  return file;
 }
 
 SafetensorsFile::~SafetensorsFile() {
-  if (mapping_ != nullptr) ::munmap(const_cast<uint8_t*>(mapping_), file_size_);
+  if (owns_mapping_ && mapping_ != nullptr) ::munmap(const_cast<uint8_t*>(mapping_), file_size_);
 }
 
 const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {

@@ -36,7 +36,12 @@ class SafetensorsFile {
   // object, entries with dtype/shape/data_offsets, end-begin equal to numel*size, offsets inside the
   // data, no overlaps, no holes, data ending exactly at end of file. Throws FormatError.
   static std::unique_ptr<SafetensorsFile> open(const std::string& path);
+  // The same checks on a file image already in memory; `bytes` must outlive the result and
+  // `label` stands in for the path in messages. The fuzzer's entry point.
+  static std::unique_ptr<SafetensorsFile> parse(const uint8_t* bytes, uint64_t size, const std::string& label);
   ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
   const std::string& path() const { return path_; }
   const std::vector<SafetensorsEntry>& entries() const { return entries_; }
@@ -48,11 +53,13 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  void parse_image();   // validates the image at mapping_ and fills the entries
   std::string path_;
   std::vector<SafetensorsEntry> entries_;
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
   const uint8_t* mapping_ = nullptr;
+  bool owns_mapping_ = false;   // false for parse(): the caller's bytes
   uint64_t file_size_ = 0;
   uint64_t data_offset_ = 0;
 };

@@ -110,3 +110,47 @@ TEST(CommandLine, TrainsOnTwoRanksAndWritesTheRunFolder) {
 
 }  // namespace
 }  // namespace qlora
+
+namespace qlora {
+namespace {
+
+// What SLURM's --signal does before a time limit: SIGUSR1 reaches the ranks (mpirun forwards it),
+// they agree at the next step boundary, rank 0 checkpoints, and every rank exits with 75; the
+// requeued command with --resume auto continues from that step.
+TEST(CommandLine, SignalCheckpointsAndExitsSeventyFiveThenResumeContinues) {
+  const std::string folder = shared_temp_dir();
+  const std::string model = synthetic_store("micro");
+  const std::string out = folder + "/signal-run";
+  const std::string log = folder + "/signal.log";
+  const std::string train = qlora_binary() + " train --model " + model +
+                            " --seq-len 32 --global-batch 4 --eval-fraction 0 --out " + out;
+  const std::string script =
+      "bash -c '(" + std::string(kMpirun) + train + " --steps 100000 > " + log + " 2>&1; echo exit=$? >> " + log +
+      ") & for i in $(seq 1 600); do grep -q \"step    3/\" " + log +
+      " 2>/dev/null && break; sleep 0.1; done; pkill -USR1 -f \"^mpirun.*signal-run\"; wait'";
+  std::string output;
+  run_command(script, &output);
+  std::string text;
+  ASSERT_EQ(run_command("cat " + log, &text), 0);
+  EXPECT_TRUE(contains(text, "exit=75")) << text;
+  EXPECT_TRUE(contains(text, "checkpoint saved at step")) << text;
+  const auto at = text.find("checkpoint saved at step ");
+  ASSERT_NE(at, std::string::npos) << text;
+  const int saved = std::stoi(text.substr(at + 25));
+  EXPECT_GE(saved, 3);
+  EXPECT_TRUE(std::filesystem::exists(out + "/checkpoints/step-" + std::to_string(saved) + "/trainer_state.h5"));
+  EXPECT_FALSE(std::filesystem::exists(out + "/final")) << "a stopped run has no final adapter";
+
+  ASSERT_EQ(run_command(std::string(kMpirun) + train + " --resume auto --steps " + std::to_string(saved + 2), &output),
+            0)
+      << output;
+  EXPECT_TRUE(contains(output, "resumed from " + out + "/checkpoints/step-" + std::to_string(saved) + " at step " +
+                                   std::to_string(saved)))
+      << output;
+  EXPECT_TRUE(contains(output, "step " + std::string(saved + 2 < 10 ? "   " : "  ") + std::to_string(saved + 2) + "/"))
+      << output;
+  EXPECT_TRUE(std::filesystem::exists(out + "/final/adapter_model.safetensors"));
+}
+
+}  // namespace
+}  // namespace qlora

@@ -3,11 +3,13 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include "cluster/mpi_communicator.h"
+#include "launcher/optimizer.h"
 #include "launcher/train.h"
 #include "shard/json.h"
 #include "shard/safetensors.h"
@@ -51,9 +53,21 @@ TEST(Training, LossFallsByAtLeastThirtyPercentOverFiftySteps) {
   EXPECT_EQ(config.at("lora_alpha").as_double(), 16.0);
   EXPECT_EQ(config.at("target_modules").size(), 7u);
   std::ifstream metrics(options.out_dir + "/metrics.jsonl");
-  int lines = 0;
-  for (std::string line; std::getline(metrics, line);) ++lines;
-  EXPECT_EQ(lines, 50);
+  int step_lines = 0;
+  int eval_lines = 0;
+  for (std::string line; std::getline(metrics, line);) {
+    const auto entry = shard::Json::parse(line);
+    if (entry.contains("tokens_per_second")) ++step_lines;
+    if (entry.contains("eval_loss")) {
+      ++eval_lines;
+      EXPECT_EQ(entry.at("step").as_int(), 50);
+      EXPECT_NEAR(entry.at("eval_perplexity").as_double(), std::exp(entry.at("eval_loss").as_double()), 1e-6);
+    }
+  }
+  EXPECT_EQ(step_lines, 50);
+  EXPECT_EQ(eval_lines, 1) << "the held-out tail is evaluated once, at the end";
+  ASSERT_EQ(result.eval_losses.size(), 1u);
+  EXPECT_LT(result.eval_losses[0].second, first) << "held-out loss improves on the untrained loss";
   EXPECT_TRUE(std::filesystem::exists(options.out_dir + "/memory.json"));
 }
 
@@ -85,6 +99,91 @@ TEST(Training, MemoryReportMatchesTheSizesOfWhatItMeasures) {
   EXPECT_GT(memory.forward_activation_peak, 0);
   EXPECT_GE(memory.backward_activation_peak, memory.forward_activation_peak);
   EXPECT_GE(memory.peak_total, memory.quantized_weights + memory.replicated_parameters + memory.adapters);
+}
+
+}  // namespace
+}  // namespace qlora::launcher
+
+namespace qlora::launcher {
+namespace {
+
+// 20 steps straight and 10 + resume 10 give the same losses and bitwise the same adapters: the
+// checkpoint carries the optimizer moments and step, and batches and dropout masks are functions of
+// (seed, step), so nothing else needs restoring.
+TEST(Training, ResumingFromACheckpointIsBitwiseIdenticalToNotStopping) {
+  auto communicator = cluster::make_mpi_communicator(MPI_COMM_SELF);
+  const std::string folder = testing_support::shared_temp_dir(MPI_COMM_SELF);
+  TrainOptions options;
+  options.model_path = testing_support::synthetic_store("tiny", 64, MPI_COMM_SELF);
+  options.global_batch = 4;
+  options.sequence_length = 32;
+  options.lora.dropout = 0.1;  // exercises the dropout RNG across the restart
+  options.weight_decay = 0.01;
+  options.quiet = true;
+  options.eval_fraction = 0;
+  auto adapters_of = [](model::LlamaModelImpl& model) {
+    std::vector<torch::Tensor> copies;
+    for (auto& parameter : model.lora_parameters()) copies.push_back(parameter.detach().clone());
+    return copies;
+  };
+  std::vector<torch::Tensor> straight_adapters;
+  std::vector<torch::Tensor> resumed_adapters;
+
+  options.steps = 20;
+  options.out_dir = folder + "/straight";
+  const auto straight = run_training(options, *communicator, [&](model::LlamaModelImpl& model) {
+    straight_adapters = adapters_of(model);
+  });
+
+  options.out_dir = folder + "/interrupted";
+  options.steps = 10;
+  const auto first_half = run_training(options, *communicator);
+  ASSERT_TRUE(std::filesystem::exists(options.out_dir + "/checkpoints/step-10/trainer_state.h5"));
+  options.steps = 20;
+  options.resume = "auto";
+  const auto second_half = run_training(options, *communicator, [&](model::LlamaModelImpl& model) {
+    resumed_adapters = adapters_of(model);
+  });
+  EXPECT_EQ(second_half.first_step, 10);
+  std::vector<double> joined = first_half.losses;
+  joined.insert(joined.end(), second_half.losses.begin(), second_half.losses.end());
+  ASSERT_EQ(joined.size(), straight.losses.size());
+  for (size_t i = 0; i < joined.size(); ++i) EXPECT_EQ(joined[i], straight.losses[i]) << "step " << i + 1;
+  ASSERT_EQ(straight_adapters.size(), resumed_adapters.size());
+  for (size_t i = 0; i < straight_adapters.size(); ++i)
+    EXPECT_TRUE(torch::equal(straight_adapters[i], resumed_adapters[i])) << "adapter tensor " << i;
+}
+
+TEST(Training, GradientAccumulationMatchesOneLargeBatch) {
+  auto communicator = cluster::make_mpi_communicator(MPI_COMM_SELF);
+  TrainOptions options;
+  options.model_path = testing_support::synthetic_store("tiny", 64, MPI_COMM_SELF);
+  options.global_batch = 8;
+  options.sequence_length = 32;
+  options.steps = 4;
+  options.write_outputs = false;
+  options.quiet = true;
+  options.eval_fraction = 0;
+  const auto whole = run_training(options, *communicator);
+  options.micro_batch = 2;
+  const auto accumulated = run_training(options, *communicator);
+  ASSERT_EQ(whole.losses.size(), accumulated.losses.size());
+  for (size_t i = 0; i < whole.losses.size(); ++i) EXPECT_NEAR(whole.losses[i], accumulated.losses[i], 1e-5) << i;
+}
+
+TEST(Training, LearningRateScheduleWarmsUpThenDecays) {
+  Schedule schedule;
+  schedule.kind = "cosine";
+  schedule.peak = 1e-3;
+  schedule.warmup_steps = 4;
+  schedule.total_steps = 14;
+  EXPECT_DOUBLE_EQ(schedule.at(0), 0.25e-3);
+  EXPECT_DOUBLE_EQ(schedule.at(3), 1e-3);
+  EXPECT_DOUBLE_EQ(schedule.at(4), 1e-3);
+  EXPECT_NEAR(schedule.at(9), 0.5e-3, 1e-12);   // halfway through the decay
+  EXPECT_NEAR(schedule.at(14), 0.0, 1e-12);
+  schedule.kind = "constant";
+  EXPECT_DOUBLE_EQ(schedule.at(10), 1e-3);
 }
 
 }  // namespace
