@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "cluster/mpi_communicator.h"
+#include "kernels/parallel.h"
 
 namespace qlora::cluster {
 
@@ -56,6 +57,7 @@ int assign_threads(RankLayout& layout, int threads) {
     threads = std::max(1, cores / std::max(1, layout.local_size));
   }
   layout.threads = threads;
+  kernels::set_kernel_threads(threads);  // the dequantization pool, too, gets only this rank's share
   // OpenBLAS sizes its pool at load time from the whole machine; shrink it to our share. Looked up
   // dynamically because the BLAS behind LibTorch may not be OpenBLAS.
   using SetThreads = void (*)(int);
