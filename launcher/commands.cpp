@@ -15,6 +15,7 @@
 #include "cluster/log.h"
 #include "cluster/memory.h"
 #include "launcher/errors.h"
+#include "launcher/evaluate.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
 #include "shard/model_store.h"
@@ -73,6 +74,7 @@ std::string usage() {
          "commands:\n"
          "  train     fine-tune LoRA adapters on a 4-bit model (any number of ranks; no --model: embedded demo)\n"
          "  convert   write a 4-bit model store (model.h5) from a Hugging Face folder or a synthetic preset\n"
+         "  eval      loss and perplexity of a model, with or without a PEFT adapter\n"
          "  inspect   print a model store and, with --world N, each rank's shard\n"
          "\n"
          "`qlora <command> --help` lists a command's options.\n";
@@ -218,6 +220,43 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
     out << "\n";
   }
   std::cout << out.str() << std::flush;
+  return 0;
+}
+
+// ---- eval ----------------------------------------------------------------------------------------
+
+int run_eval(const std::vector<std::string>& arguments, CommandContext& context) {
+  EvalOptions eval;
+  po::options_description options("qlora eval options");
+  options.add_options()
+      ("help,h", "show this help")
+      ("model", po::value<std::string>(), "4-bit model store")
+      ("adapter", po::value<std::string>()->default_value(""), "PEFT adapter folder (qlora's runs/NAME/final or PEFT's)")
+      ("data", po::value<std::string>()->default_value(""), "text file or folder (default: the embedded excerpt)")
+      ("seq-len", po::value<int64_t>()->default_value(eval.sequence_length), "tokens per window")
+      ("windows", po::value<int64_t>()->default_value(eval.max_windows), "consecutive windows evaluated (at most)")
+      ("micro-batch", po::value<int64_t>()->default_value(eval.micro_batch), "windows per forward on each rank")
+      ("threads", po::value<int>()->default_value(0), "compute threads per rank (0: cores / ranks on the node)");
+  const auto values = parse(arguments, options, "eval");
+  if (values.count("help")) {
+    print_help("usage: [mpirun -np N] qlora eval --model model.h5 [--adapter runs/a/final] [--data held-out.txt]", options);
+    return 0;
+  }
+  if (!values.count("model")) throw UserError("--model is required", "e.g. qlora eval --model model.h5 --adapter runs/a/final");
+  eval.model_path = values["model"].as<std::string>();
+  eval.adapter_dir = values["adapter"].as<std::string>();
+  eval.data_path = values["data"].as<std::string>();
+  eval.sequence_length = values["seq-len"].as<int64_t>();
+  eval.max_windows = values["windows"].as<int64_t>();
+  eval.micro_batch = values["micro-batch"].as<int64_t>();
+  cluster::assign_threads(context.layout, values["threads"].as<int>());
+  const auto result = run_evaluation(eval, context.communicator);
+  char line[256];
+  std::snprintf(line, sizeof line, "eval: loss %.6f  perplexity %.4f  over %lld windows x %lld tokens (%s, %s)",
+                result.loss, result.perplexity, static_cast<long long>(result.windows),
+                static_cast<long long>(eval.sequence_length), eval.model_path.c_str(),
+                eval.adapter_dir.empty() ? "no adapter" : eval.adapter_dir.c_str());
+  cluster::log::banner(line);
   return 0;
 }
 

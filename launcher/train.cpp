@@ -19,6 +19,7 @@
 #include "launcher/checkpoint.h"
 #include "launcher/data.h"
 #include "launcher/demo.h"
+#include "launcher/evaluate.h"
 #include "launcher/optimizer.h"
 #include "launcher/errors.h"
 #include "shard/converter.h"
@@ -139,34 +140,6 @@ class Progress {
 };
 
 std::atomic<int> g_stop_signal{0};
-
-// Mean next-token loss over fixed evaluation windows. Every rank runs the same number of forwards
-// (each forward gathers blocks collectively), summing loss and token counts before averaging.
-double evaluate(model::LlamaModelImpl& model, const BatchSampler& windows, int64_t window_count, int64_t rows_per_forward,
-                cluster::Communicator& communicator) {
-  const int world = communicator.size();
-  const int64_t per_rank = window_count / world;
-  if (per_rank == 0) return std::nan("");
-  const bool was_training = model.is_training();
-  model.eval();
-  torch::NoGradGuard no_grad;
-  double loss_sum = 0.0;
-  double token_count = 0.0;
-  const auto [inputs, targets] = windows.sequential(per_rank * world, communicator.rank(), world);
-  for (int64_t row = 0; row < per_rank; row += rows_per_forward) {
-    const int64_t rows = std::min(rows_per_forward, per_rank - row);
-    auto logits = model.forward(inputs.narrow(0, row, rows));
-    auto losses = torch::nn::functional::cross_entropy(
-        logits.view({-1, logits.size(-1)}), targets.narrow(0, row, rows).reshape({-1}),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-    loss_sum += losses.item<double>();
-    token_count += static_cast<double>(targets.narrow(0, row, rows).numel());
-  }
-  if (was_training) model.train();
-  float totals[2] = {static_cast<float>(loss_sum), static_cast<float>(token_count)};
-  communicator.all_reduce(totals, 2, cluster::ReduceOp::sum);
-  return static_cast<double>(totals[0]) / static_cast<double>(totals[1]);
-}
 
 }  // namespace
 
@@ -375,7 +348,7 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
   };
   auto run_evaluation = [&](int64_t step, Progress& progress) {
     if (!eval_windows) return;
-    const double loss = evaluate(*model, *eval_windows, eval_window_count, micro_batch, communicator);
+    const double loss = mean_token_loss(*model, *eval_windows, eval_window_count, micro_batch, communicator);
     result.eval_losses.emplace_back(step, loss);
     char line[160];
     std::snprintf(line, sizeof line, "eval  step %lld: loss %.4f  perplexity %.2f  (%lld windows of %lld tokens)",

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <map>
 #include <random>
+#include <set>
 #include <sstream>
 #include <vector>
 
@@ -211,17 +212,25 @@ ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string
   const auto file = GgufFile::open(gguf_path);
   const ModelConfig config = llama_config_from_gguf(*file);
 
+  // A tensor the Llama model has no place for (biases, extra norms of another architecture) would
+  // change what the model computes; refuse it rather than drop it. rope_freqs.weight is read into
+  // the config's rope scaling.
+  const auto names = config.tensor_names();
+  const std::set<std::string> wanted(names.begin(), names.end());
   std::map<std::string, const GgufTensor*> by_hf_name;
   for (const GgufTensor& tensor : file->tensors()) {
+    if (tensor.name == "rope_freqs.weight") continue;
     const std::string hf_name = llama_hf_tensor_name(tensor.name);
-    if (!hf_name.empty()) by_hf_name.emplace(hf_name, &tensor);
+    if (hf_name.empty() || wanted.count(hf_name) == 0)
+      throw FormatError(gguf_path + ": tensor '" + tensor.name + "' has no counterpart in a Llama model of this "
+                        "configuration; qlora cannot convert it without changing what the model computes");
+    by_hf_name.emplace(hf_name, &tensor);
   }
 
   ModelStoreWriter writer(out_path,
                           header_for(config, options, std::filesystem::path(gguf_path).filename().string(), "gguf"));
   Fnv1a64 checksum;
   ConvertSummary summary;
-  const auto names = config.tensor_names();
   std::vector<uint8_t> reordered;
   std::vector<float> values;
   for (const auto& name : names) {

@@ -31,6 +31,12 @@ constexpr uint32_t kMaxVersion = 3;
 constexpr uint32_t kMaxDims = 4;      // GGML_MAX_DIMS
 // ggml's own caps (GGUF_MAX_STRING_LENGTH); the file size bounds both long before this anyway.
 constexpr uint64_t kMaxStringBytes = uint64_t{1} << 30;
+// The specification's limits on names: keys below 2^16 bytes, tensor names at most 64 bytes.
+constexpr uint64_t kMaxKeyBytes = 65535;
+constexpr uint64_t kMaxTensorNameBytes = 64;
+// Counts come from the file; reserve at most this many entries up front and let the rest grow as
+// entries actually parse, so a forged count in a large file cannot demand a huge allocation.
+constexpr uint64_t kMaxReserve = 4096;
 constexpr const char* kAlignmentKey = "general.alignment";
 constexpr double kPi = 3.14159265358979323846;
 
@@ -405,12 +411,15 @@ void GgufFile::parse_image() {
     throw FormatError(path + ": tensor count " + std::to_string(tensor_count) + " cannot fit in a " +
                       std::to_string(size_) + "-byte file");
 
-  metadata_.reserve(kv_count);
+  metadata_.reserve(std::min(kv_count, kMaxReserve));
   for (uint64_t i = 0; i < kv_count; ++i) {
     const std::string entry_label = "metadata entry " + std::to_string(i);
     GgufMetadata entry;
     entry.key = cursor.string(entry_label + " key");
     if (entry.key.empty()) throw FormatError(path + ": " + entry_label + " has an empty key");
+    if (entry.key.size() > kMaxKeyBytes)
+      throw FormatError(path + ": " + entry_label + " has a " + std::to_string(entry.key.size()) +
+                        "-byte key; keys are at most " + std::to_string(kMaxKeyBytes) + " bytes");
     if (key_index_.count(entry.key) != 0) throw FormatError(key_where(path, entry.key) + " appears twice");
     const std::string where = "key '" + entry.key + "'";
     const uint32_t raw_type = cursor.u32(where + " (value type)");
@@ -434,11 +443,14 @@ void GgufFile::parse_image() {
                         ", not a power of two");
   }
 
-  tensors_.reserve(tensor_count);
+  tensors_.reserve(std::min(tensor_count, kMaxReserve));
   for (uint64_t i = 0; i < tensor_count; ++i) {
     GgufTensor tensor;
     tensor.name = cursor.string("tensor " + std::to_string(i) + " name");
     if (tensor.name.empty()) throw FormatError(path + ": tensor " + std::to_string(i) + " has an empty name");
+    if (tensor.name.size() > kMaxTensorNameBytes)
+      throw FormatError(path + ": tensor " + std::to_string(i) + " has a " + std::to_string(tensor.name.size()) +
+                        "-byte name; tensor names are at most " + std::to_string(kMaxTensorNameBytes) + " bytes");
     const std::string where = tensor_where(path, tensor.name);
     if (tensor_index_.count(tensor.name) != 0) throw FormatError(where + " appears twice");
     const std::string field = "tensor '" + tensor.name + "'";

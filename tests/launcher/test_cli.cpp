@@ -19,6 +19,8 @@ bool contains(const std::string& text, const std::string& part) { return text.fi
 
 const char* kMpirun = "mpirun --oversubscribe --allow-run-as-root -np 2 ";
 
+std::string folder_of_nothing() { return shared_temp_dir() + "/no-adapter-here"; }
+
 TEST(CommandLine, UnknownFlagIsExitCodeTwoWithAHint) {
   std::string output;
   EXPECT_EQ(run_command(qlora_binary() + " train --bogus 3", &output), 2) << output;
@@ -102,6 +104,23 @@ TEST(CommandLine, TrainsOnTwoRanksAndWritesTheRunFolder) {
             (std::vector<int64_t>{16, 172}));
   EXPECT_EQ(adapter->at("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight").shape,
             (std::vector<int64_t>{8, 64}));
+  // qlora eval: the adapter lowers the loss, and one or two ranks give the same figure.
+  std::string base_output;
+  std::string one_rank;
+  std::string two_ranks;
+  const std::string eval = qlora_binary() + " eval --model " + model + " --seq-len 32 --windows 8";
+  ASSERT_EQ(run_command(eval, &base_output), 0) << base_output;
+  ASSERT_EQ(run_command(eval + " --adapter " + out + "/final", &one_rank), 0) << one_rank;
+  ASSERT_EQ(run_command(std::string(kMpirun) + eval + " --adapter " + out + "/final", &two_ranks), 0) << two_ranks;
+  auto loss_of = [](const std::string& text) {
+    const auto at = text.find("eval: loss ");
+    return at == std::string::npos ? -1.0 : std::stod(text.substr(at + 11));
+  };
+  EXPECT_GT(loss_of(one_rank), 0) << one_rank;
+  EXPECT_NEAR(loss_of(one_rank), loss_of(two_ranks), 1e-5) << one_rank << two_ranks;
+  EXPECT_LT(loss_of(one_rank), loss_of(base_output)) << base_output << one_rank;
+  EXPECT_EQ(run_command(eval + " --adapter " + folder_of_nothing(), &output), 2) << output;
+  EXPECT_TRUE(contains(output, "adapter_config.json")) << output;
   EXPECT_EQ(run_command(qlora_binary() + " train --model " + model + " --lora-rank-pattern down_proj", &output), 2)
       << output;
   EXPECT_TRUE(contains(output, "is not MODULE=VALUE")) << output;

@@ -422,13 +422,22 @@ TEST_F(GgufTest, RejectsDimensionProblems) {
   expect_rejected(partial_block, {"tensor 'a': rows of 16 elements are not a whole number of Q8_0 blocks of 32"});
 }
 
-TEST_F(GgufTest, RejectsDuplicateAndEmptyTensorNames) {
+TEST_F(GgufTest, RejectsDuplicateEmptyAndOverlongNames) {
   Crafted duplicate;
   duplicate.tensors[1].name = "a";
   expect_rejected(duplicate, {"tensor 'a' appears twice"});
   Crafted empty;
   empty.tensors[1].name = "";
   expect_rejected(empty, {"tensor 1 has an empty name"});
+  // The specification caps tensor names at 64 bytes and keys below 2^16.
+  Crafted long_name;
+  long_name.tensors[1].name = std::string(65, 'n');
+  expect_rejected(long_name, {"tensor 1 has a 65-byte name; tensor names are at most 64 bytes"});
+  long_name.tensors[1].name = std::string(64, 'n');
+  EXPECT_NO_THROW(GgufFile::open(write("name64.gguf", long_name.bytes())));
+  Crafted long_key;
+  long_key.kvs.push_back(kv_u32(std::string(65536, 'k'), 1));
+  expect_rejected(long_key, {"metadata entry 1 has a 65536-byte key; keys are at most 65535 bytes"});
 }
 
 TEST_F(GgufTest, RejectsEmptyFileAndMissingFile) {
@@ -821,6 +830,14 @@ TEST_F(GgufTest, ConversionRefusesMissingMisshapenAndUnsupportedTensors) {
   const std::string misshapen = write("misshapen.gguf", wrong_shape.bytes());
   expect_error([&] { convert_gguf_file(misshapen, path("x.h5"), ConvertOptions{}); },
                {misshapen + ": tensor 'token_embd.weight' has shape [4, 32] but the metadata implies [8, 32]"});
+
+  // A tensor a Llama model has no place for (a bias) is refused, not dropped.
+  Crafted biased = crafted_llama({{"token_embd.weight", {32, 8}, ggml_type::f32, 0},
+                                  {"blk.0.attn_q.bias", {32}, ggml_type::f32, 1024}},
+                                 std::string(1024 + 128, '\0'));
+  const std::string extra = write("biased.gguf", biased.bytes());
+  expect_error([&] { convert_gguf_file(extra, path("x.h5"), ConvertOptions{}); },
+               {extra + ": tensor 'blk.0.attn_q.bias' has no counterpart in a Llama model"});
 
   // A valid ggml type (Q5_0: 32-element blocks of 22 bytes) that qlora cannot import.
   Crafted q5 = crafted_llama({{"token_embd.weight", {32, 8}, 6 /* Q5_0 */, 0}}, std::string(8 * 22, '\0'));
