@@ -18,6 +18,7 @@
 #include "launcher/evaluate.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
+#include "shard/json.h"
 #include "shard/model_store.h"
 
 namespace po = boost::program_options;
@@ -52,6 +53,21 @@ std::vector<std::string> split_list(const std::string& text) {
   while (std::getline(stream, item, ','))
     if (!item.empty()) items.push_back(item);
   return items;
+}
+
+// Every option's final value (defaults included), for the run folder and the banner.
+shard::Json resolved_options(const po::variables_map& values) {
+  shard::Json resolved = shard::Json::Object{};
+  for (const auto& [name, value] : values) {
+    const auto& held = value.value();
+    if (held.type() == typeid(std::string)) resolved[name] = boost::any_cast<std::string>(held);
+    else if (held.type() == typeid(int64_t)) resolved[name] = boost::any_cast<int64_t>(held);
+    else if (held.type() == typeid(uint64_t)) resolved[name] = boost::any_cast<uint64_t>(held);
+    else if (held.type() == typeid(int)) resolved[name] = boost::any_cast<int>(held);
+    else if (held.type() == typeid(double)) resolved[name] = boost::any_cast<double>(held);
+    else if (held.type() == typeid(bool)) resolved[name] = boost::any_cast<bool>(held);
+  }
+  return resolved;
 }
 
 std::pair<std::string, std::string> split_assignment(const std::string& item, const std::string& option) {
@@ -414,6 +430,7 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
          << "\n  steps " << train.steps << ", global batch " << train.global_batch << " x " << train.sequence_length
          << " tokens, lr " << train.learning_rate << ", checkpointing " << checkpointing << ", out " << train.out_dir;
   train.banner = banner.str();
+  train.resolved_config = resolved_options(values).dump(2) + "\n";
   // SLURM's --signal (and a user's kill) ask for a checkpoint before the job ends.
   std::signal(SIGTERM, request_stop);
   std::signal(SIGUSR1, request_stop);

@@ -333,6 +333,9 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
   if (options.write_outputs && rank == 0) {
     std::filesystem::create_directories(options.out_dir);
     metrics.open(options.out_dir + "/metrics.jsonl", first_step > 0 ? std::ios::app : std::ios::trunc);
+    if (!options.resolved_config.empty())
+      write_file_atomically(options.out_dir + (first_step > 0 ? "/config-resumed.json" : "/config.json"),
+                            options.resolved_config);
   }
   auto write_metrics = [&](const shard::Json& line) {
     if (metrics.is_open()) metrics << line.dump() << "\n" << std::flush;

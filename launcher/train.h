@@ -52,6 +52,7 @@ struct TrainOptions {
   bool quiet = false;              // no per-step lines
   std::string progress = "auto";   // auto (a bar on a terminal, lines otherwise) | bar | lines
   std::string banner;              // printed by rank 0 once setup has succeeded everywhere
+  std::string resolved_config;     // saved as config.json in the run folder (the CLI's final option values)
 };
 
 struct TrainResult {

@@ -92,12 +92,23 @@ ModelConfig synthetic_config(const std::string& preset) {
     config.num_hidden_layers = 2;
     config.num_attention_heads = 4;
     config.num_key_value_heads = 2;
+  } else if (preset == "smollm2-135m") {
+    // The shape of SmolLM2-135M (Llama architecture), for benchmarks; weights are random.
+    config.hidden_size = 576;
+    config.intermediate_size = 1536;
+    config.num_hidden_layers = 30;
+    config.num_attention_heads = 9;
+    config.num_key_value_heads = 3;
+    config.vocab_size = 49152;
+    config.tie_word_embeddings = true;
+    config.rope_theta = 100000.0;
+    config.max_position_embeddings = 8192;
   } else if (preset == "small") {
     config.hidden_size = 512;
     config.intermediate_size = 1376;
     config.num_hidden_layers = 8;
   } else {
-    throw FormatError("unknown synthetic preset '" + preset + "' (known: micro, tiny, small)");
+    throw FormatError("unknown synthetic preset '" + preset + "' (known: micro, tiny, small, smollm2-135m)");
   }
   config.head_dim = config.hidden_size / config.num_attention_heads;
   return config;

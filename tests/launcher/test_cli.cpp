@@ -4,6 +4,7 @@
 
 #include <filesystem>
 
+#include "shard/json.h"
 #include "shard/safetensors.h"
 #include "support/test_support.h"
 
