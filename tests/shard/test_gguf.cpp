@@ -3,8 +3,8 @@
 // every value type, dequantization bit for bit against the gguf Python package
 // (tests/fixtures/gguf, scripts/make_gguf_fixtures.py) and against hand-derived blocks, the Llama
 // Q/K row order against what transformers loads, conversion into a store ModelStore::open accepts,
-// the `qlora convert --from *.gguf` command, and (when QLORA_SMOLLM2_GGUF names it) the real
-// SmolLM2-135M-Instruct file.
+// the `qlora convert --from *.gguf` command, the in-memory parse entry points the fuzzers use
+// (bench/fuzz), and (when QLORA_SMOLLM2_GGUF names it) the real SmolLM2-135M-Instruct file.
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
@@ -18,6 +18,7 @@
 #include <fstream>
 #include <functional>
 #include <initializer_list>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <random>
@@ -221,6 +222,26 @@ TEST_F(GgufTest, InMemoryParseMatchesOpen) {
   const std::string truncated = bytes.substr(0, 100);
   expect_error([&] { GgufFile::parse(reinterpret_cast<const uint8_t*>(truncated.data()), truncated.size(), "<memory>"); },
                {"<memory>: truncated"});
+}
+
+TEST_F(GgufTest, SafetensorsInMemoryParseMatchesOpen) {
+  // SafetensorsFile::parse is the safetensors fuzzer's entry point; it must apply open()'s checks.
+  const std::string source = fixture("dequant_expected.safetensors");
+  std::ifstream in(source, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto* image = reinterpret_cast<const uint8_t*>(bytes.data());
+  const auto parsed = SafetensorsFile::parse(image, bytes.size(), "<memory>");
+  const auto opened = SafetensorsFile::open(source);
+  ASSERT_EQ(parsed->entries().size(), opened->entries().size());
+  for (const SafetensorsEntry& entry : opened->entries()) {
+    const SafetensorsEntry& same = parsed->at(entry.name);
+    EXPECT_EQ(same.shape, entry.shape);
+    EXPECT_EQ(std::memcmp(parsed->data(same), opened->data(entry), entry.end - entry.begin), 0);
+    EXPECT_GE(parsed->data(same), image);
+    EXPECT_LE(parsed->data(same) + (entry.end - entry.begin), image + bytes.size());
+  }
+  expect_error([&] { SafetensorsFile::parse(image, bytes.size() - 1, "<memory>"); }, {"<memory>: "});
+  expect_error([&] { SafetensorsFile::parse(image, 7, "<memory>"); }, {"<memory>: file is 7 bytes, too short"});
 }
 
 // ---- rejections, one per rule ---------------------------------------------------------------------
