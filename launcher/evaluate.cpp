@@ -27,11 +27,8 @@ double mean_token_loss(model::LlamaModelImpl& model, const BatchSampler& windows
   const auto [inputs, targets] = windows.sequential(per_rank * world, communicator.rank(), world);
   for (int64_t row = 0; row < per_rank; row += rows_per_forward) {
     const int64_t rows = std::min(rows_per_forward, per_rank - row);
-    auto logits = model.forward(inputs.narrow(0, row, rows));
-    auto losses = torch::nn::functional::cross_entropy(
-        logits.view({-1, logits.size(-1)}), targets.narrow(0, row, rows).reshape({-1}),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-    loss_sum += losses.item<double>();
+    loss_sum += model.next_token_loss(inputs.narrow(0, row, rows), targets.narrow(0, row, rows), /*sum=*/true)
+                    .item<double>();
     token_count += static_cast<double>(targets.narrow(0, row, rows).numel());
   }
   if (was_training) model.train();

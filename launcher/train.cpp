@@ -401,8 +401,7 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
       auto micro_inputs = inputs.narrow(0, micro * micro_batch, micro_batch);
       auto micro_targets = targets.narrow(0, micro * micro_batch, micro_batch);
       cluster::MemoryCounter::reset_peak();
-      auto logits = model->forward(micro_inputs);
-      auto loss = torch::nn::functional::cross_entropy(logits.view({-1, config.vocab_size}), micro_targets.view({-1}));
+      auto loss = model->next_token_loss(micro_inputs, micro_targets);
       memory.forward_activation_peak =
           std::max(memory.forward_activation_peak, cluster::MemoryCounter::peak_bytes() - resident);
       if (!loss.requires_grad())

@@ -7,6 +7,7 @@
 
 #include "cluster/memory.h"
 #include "kernels/nf4.h"
+#include "model/chunked_loss.h"
 
 namespace qlora::model {
 namespace {
@@ -400,6 +401,15 @@ torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidde
 }
 
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {
+  return torch::linear(final_hidden(tokens), lm_head.to(torch::kFloat));
+}
+
+torch::Tensor LlamaModelImpl::next_token_loss(const torch::Tensor& tokens, const torch::Tensor& targets, bool sum) {
+  auto hidden = final_hidden(tokens);
+  return chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), lm_head, targets.reshape({-1}), sum);
+}
+
+torch::Tensor LlamaModelImpl::final_hidden(const torch::Tensor& tokens) {
   ensure_rotary_tables(tokens.size(1));
   auto hidden = torch::embedding(embed_tokens, tokens).to(torch::kFloat);
   if (input_require_grads_) hidden.requires_grad_(true);
@@ -422,8 +432,7 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {
       hidden = run_block(index, hidden);
     }
   }
-  auto normed = rms_norm(hidden, final_norm, config_.rms_norm_eps).to(torch::kFloat);
-  return torch::linear(normed, lm_head.to(torch::kFloat));
+  return rms_norm(hidden, final_norm, config_.rms_norm_eps).to(torch::kFloat);
 }
 
 }  // namespace qlora::model

@@ -72,6 +72,11 @@ class LlamaModelImpl : public torch::nn::Module {
 
   // tokens: int64 [batch, seq] -> logits fp32 [batch, seq, vocab].
   torch::Tensor forward(const torch::Tensor& tokens);
+  // The final-normed hidden states fp32 [batch, seq, hidden], what the LM head multiplies; with
+  // chunked_cross_entropy this trains without materialising the logits.
+  torch::Tensor final_hidden(const torch::Tensor& tokens);
+  // Next-token loss of `targets` (same shape as tokens): mean, or summed with sum = true.
+  torch::Tensor next_token_loss(const torch::Tensor& tokens, const torch::Tensor& targets, bool sum = false);
 
   const shard::ModelConfig& config() const { return config_; }
   const shard::StoreHeader& store_header() const { return header_; }

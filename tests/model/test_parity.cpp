@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "cluster/mpi_communicator.h"
+#include "model/chunked_loss.h"
 #include "prepare/prepare.h"
 #include "shard/converter.h"
 #include "shard/safetensors.h"
@@ -143,6 +144,35 @@ TEST(Lora, ScalingRankPatternsAndInitialisationFollowPeft) {
   plain.init = "gaussian";
   LoraAdapter gaussian(400, 32, plain, generator);
   EXPECT_NEAR(gaussian->lora_A.std().item<double>(), 1.0 / 64, 0.02 / 64);
+}
+
+}  // namespace
+}  // namespace qlora::model
+
+namespace qlora::model {
+namespace {
+
+// The chunked loss equals cross_entropy over full logits, in value and in gradient, for chunk sizes
+// that do and do not divide the rows.
+TEST(ChunkedLoss, MatchesFullLogitsInValueAndGradient) {
+  torch::manual_seed(11);
+  const auto weight = torch::randn({1000, 48}) * 0.2;
+  const auto targets = torch::randint(0, 1000, {37}, torch::kLong);
+  const auto hidden_values = torch::randn({37, 48});
+  auto full_hidden = hidden_values.clone().requires_grad_(true);
+  auto full = torch::nn::functional::cross_entropy(torch::matmul(full_hidden, weight.t()), targets);
+  full.backward();
+  for (int64_t chunk : {1, 5, 37, 100}) {
+    for (bool sum : {false, true}) {
+      auto hidden = hidden_values.clone().requires_grad_(true);
+      auto loss = chunked_cross_entropy(hidden, weight, targets, sum, chunk);
+      loss.backward();
+      const double expected = full.item<double>() * (sum ? 37.0 : 1.0);
+      EXPECT_NEAR(loss.item<double>(), expected, 1e-5 * std::fabs(expected)) << "chunk " << chunk;
+      const auto expected_grad = full_hidden.grad() * (sum ? 37.0 : 1.0);
+      EXPECT_LT((hidden.grad() - expected_grad).abs().max().item<double>(), 1e-6 * (sum ? 37.0 : 1.0)) << chunk;
+    }
+  }
 }
 
 }  // namespace
