@@ -69,6 +69,22 @@ void write_quantized(ModelStoreWriter& writer, const std::string& name, const st
   summary.store_bytes += codes.size() + absmax.size() * sizeof(float);
 }
 
+void count_tensor(ConvertSummary& summary, int64_t numel, uint64_t source_bytes, int64_t tensor_total,
+                  const std::string& name, const ConvertProgress& progress) {
+  summary.parameters += numel;
+  summary.source_bytes += source_bytes;
+  ++summary.tensors;
+  if (progress) progress(summary.tensors, tensor_total, name);
+}
+
+ConvertSummary finish_conversion(ModelStoreWriter& writer, const Fnv1a64& checksum,
+                                 std::chrono::steady_clock::time_point start, ConvertSummary summary) {
+  writer.set_source_checksum(checksum.hex());
+  writer.finish();
+  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return summary;
+}
+
 }  // namespace
 
 ModelConfig synthetic_config(const std::string& preset) {
@@ -146,15 +162,9 @@ ConvertSummary convert_synthetic(const std::string& preset, const std::string& o
       writer.add_dense(name, shape, kernels::DType::bf16, bf16.data());
       summary.store_bytes += bf16.size() * sizeof(uint16_t);
     }
-    summary.parameters += numel;
-    summary.source_bytes += numel * 2;
-    ++summary.tensors;
-    if (progress) progress(summary.tensors, static_cast<int64_t>(names.size()), name);
+    count_tensor(summary, numel, numel * 2, static_cast<int64_t>(names.size()), name, progress);
   }
-  writer.set_source_checksum(checksum.hex());
-  writer.finish();
-  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return summary;
+  return finish_conversion(writer, checksum, start, summary);
 }
 
 ConvertSummary convert_hf_directory(const std::string& directory, const std::string& out_path,
@@ -205,15 +215,9 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
       writer.add_dense(name, entry.shape, entry.dtype, data);
       summary.store_bytes += entry.end - entry.begin;
     }
-    summary.parameters += numel;
-    summary.source_bytes += entry.end - entry.begin;
-    ++summary.tensors;
-    if (progress) progress(summary.tensors, static_cast<int64_t>(names.size()), name);
+    count_tensor(summary, numel, entry.end - entry.begin, static_cast<int64_t>(names.size()), name, progress);
   }
-  writer.set_source_checksum(checksum.hex());
-  writer.finish();
-  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return summary;
+  return finish_conversion(writer, checksum, start, summary);
 }
 
 ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string& out_path,
@@ -294,15 +298,9 @@ ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string
       writer.add_dense(name, tensor.shape, kernels::DType::f32, values.data());
       summary.store_bytes += static_cast<uint64_t>(numel) * sizeof(float);
     }
-    summary.parameters += numel;
-    summary.source_bytes += tensor.bytes;
-    ++summary.tensors;
-    if (progress) progress(summary.tensors, static_cast<int64_t>(names.size()), name);
+    count_tensor(summary, numel, tensor.bytes, static_cast<int64_t>(names.size()), name, progress);
   }
-  writer.set_source_checksum(checksum.hex());
-  writer.finish();
-  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return summary;
+  return finish_conversion(writer, checksum, start, summary);
 }
 
 }  // namespace qlora::shard
