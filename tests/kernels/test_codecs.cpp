@@ -571,5 +571,40 @@ TEST(CodecFinite, RefusesANonFiniteTensorByName) {
   EXPECT_THROW(require_finite("lm_head.weight", DType::bf16, bf16.data(), 10), NonFiniteWeight);
 }
 
+// The round trip stays within half the widest gap between adjacent NF4 codes (0.1609 of absmax,
+// between -1 and -0.696), for blocksizes that do and do not divide the tensor; element 2i sits in
+// the high nibble; and every block's absmax is its largest magnitude.
+TEST(CodecRoundTrip, Nf4ErrorIsWithinHalfTheWidestCodeGapWithTailsAndPacking) {
+  std::mt19937 generator(21);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  const float* codes = code_table(QuantType::nf4);
+  float widest_gap = 0;
+  for (int i = 0; i < 15; ++i) widest_gap = std::max(widest_gap, codes[i + 1] - codes[i]);
+  for (int64_t blocksize : {32, 64, 128, 4096}) {
+    for (int64_t n : {int64_t{1}, int64_t{63}, blocksize, blocksize * 3 + 17, int64_t{10001}}) {
+      std::vector<float> values(n);
+      for (auto& value : values) value = normal(generator);
+      std::vector<uint8_t> packed(packed_byte_count(n));
+      std::vector<float> absmax(quant_block_count(n, blocksize));
+      quantize_4bit(QuantType::nf4, values.data(), n, blocksize, packed.data(), absmax.data());
+      std::vector<float> decoded(n);
+      dequantize_4bit(QuantType::nf4, packed.data(), absmax.data(), n, blocksize, decoded.data());
+      for (int64_t block = 0; block < static_cast<int64_t>(absmax.size()); ++block) {
+        float largest = 0;
+        for (int64_t i = block * blocksize; i < std::min(n, (block + 1) * blocksize); ++i)
+          largest = std::max(largest, std::fabs(values[i]));
+        ASSERT_EQ(absmax[block], largest) << "blocksize " << blocksize << " n " << n << " block " << block;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        ASSERT_LE(std::fabs(decoded[i] - values[i]), 0.5f * widest_gap * absmax[i / blocksize] * (1 + 1e-6f))
+            << "blocksize " << blocksize << " n " << n << " element " << i;
+        const uint8_t nibble = i % 2 == 0 ? packed[i / 2] >> 4 : packed[i / 2] & 0x0f;
+        ASSERT_EQ(decoded[i], codes[nibble] * absmax[i / blocksize]) << "element " << i << " is not where packing says";
+      }
+    }
+  }
+  EXPECT_NEAR(widest_gap, 0.3038, 1e-4);
+}
+
 }  // namespace
 }  // namespace qlora::kernels
