@@ -4,6 +4,8 @@
 
 #include <cassert>
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 namespace qlora::cluster {
@@ -18,10 +20,25 @@ double Communicator::all_reduce_scalar(double value, ReduceOp op) {
 
 namespace {
 
+// Every MPI call goes through this: a failure names this rank and the call, then ends the whole job
+// (the communicator runs with MPI_ERRORS_RETURN so the failure reaches us instead of MPI's handler).
+void check_mpi(int result, const char* call, MPI_Comm comm) {
+  if (result == MPI_SUCCESS) return;
+  int rank = -1;
+  MPI_Comm_rank(comm, &rank);
+  char reason[MPI_MAX_ERROR_STRING] = {0};
+  int length = 0;
+  MPI_Error_string(result, reason, &length);
+  std::fprintf(stderr, "[rank %d] error: %s failed: %s; aborting every rank\n", rank, call, reason);
+  std::fflush(stderr);
+  MPI_Abort(comm, 3);
+  std::abort();
+}
+
 class MpiPending final : public PendingCollective {
  public:
-  MpiPending(float* scale_data, int64_t scale_count, float scale)
-      : scale_data_(scale_data), scale_count_(scale_count), scale_(scale) {}
+  MpiPending(MPI_Comm comm, float* scale_data, int64_t scale_count, float scale)
+      : comm_(comm), scale_data_(scale_data), scale_count_(scale_count), scale_(scale) {}
   MPI_Request* request() { return &request_; }
   // MPI reads a non-blocking gather's count arrays until it completes, so they live here.
   std::vector<int> counts;
@@ -31,13 +48,13 @@ class MpiPending final : public PendingCollective {
   }
   void wait() override {
     if (done_) return;
-    MPI_Wait(&request_, MPI_STATUS_IGNORE);
+    check_mpi(MPI_Wait(&request_, MPI_STATUS_IGNORE), "MPI_Wait", comm_);
     finish();
   }
   bool test() override {
     if (done_) return true;
     int complete = 0;
-    MPI_Test(&request_, &complete, MPI_STATUS_IGNORE);
+    check_mpi(MPI_Test(&request_, &complete, MPI_STATUS_IGNORE), "MPI_Test", comm_);
     if (complete) finish();
     return complete != 0;
   }
@@ -48,6 +65,7 @@ class MpiPending final : public PendingCollective {
     if (scale_data_ != nullptr)
       for (int64_t i = 0; i < scale_count_; ++i) scale_data_[i] *= scale_;
   }
+  MPI_Comm comm_;
   MPI_Request request_ = MPI_REQUEST_NULL;
   float* scale_data_;
   int64_t scale_count_;
@@ -58,6 +76,7 @@ class MpiPending final : public PendingCollective {
 class MpiCommunicator final : public Communicator {
  public:
   explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
   }
@@ -68,7 +87,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<PendingCollective> all_gather_async(const void* send, void* recv,
                                                       const std::vector<int64_t>& counts) override {
     assert(static_cast<int>(counts.size()) == size_);
-    auto pending = std::make_unique<MpiPending>(nullptr, 0, 1.0f);
+    auto pending = std::make_unique<MpiPending>(comm_, nullptr, 0, 1.0f);
     pending->counts.assign(size_, 0);
     pending->displacements.assign(size_, 0);
     int64_t offset = 0;
@@ -78,16 +97,18 @@ class MpiCommunicator final : public Communicator {
       pending->displacements[r] = static_cast<int>(offset);
       offset += counts[r];
     }
-    MPI_Iallgatherv(send, pending->counts[rank_], MPI_BYTE, recv, pending->counts.data(),
-                    pending->displacements.data(), MPI_BYTE, comm_, pending->request());
+    check_mpi(MPI_Iallgatherv(send, pending->counts[rank_], MPI_BYTE, recv, pending->counts.data(),
+                              pending->displacements.data(), MPI_BYTE, comm_, pending->request()),
+              "MPI_Iallgatherv", comm_);
     return pending;
   }
 
   std::unique_ptr<PendingCollective> all_reduce_async(float* data, int64_t count, ReduceOp op) override {
     assert(count <= INT_MAX);
     const bool average = op == ReduceOp::average && size_ > 1;
-    auto pending = std::make_unique<MpiPending>(average ? data : nullptr, count, 1.0f / static_cast<float>(size_));
-    MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_, pending->request());
+    auto pending = std::make_unique<MpiPending>(comm_, average ? data : nullptr, count, 1.0f / static_cast<float>(size_));
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_, pending->request()),
+              "MPI_Iallreduce", comm_);
     return pending;
   }
 
@@ -105,14 +126,18 @@ class MpiCommunicator final : public Communicator {
       equal = equal && counts[r] == counts[0];
     }
     if (equal)
-      MPI_Allgather(send, counts_int[rank_], MPI_BYTE, recv, counts_int[0], MPI_BYTE, comm_);
+      check_mpi(MPI_Allgather(send, counts_int[rank_], MPI_BYTE, recv, counts_int[0], MPI_BYTE, comm_), "MPI_Allgather",
+                comm_);
     else
-      MPI_Allgatherv(send, counts_int[rank_], MPI_BYTE, recv, counts_int.data(), displacements.data(), MPI_BYTE, comm_);
+      check_mpi(MPI_Allgatherv(send, counts_int[rank_], MPI_BYTE, recv, counts_int.data(), displacements.data(),
+                               MPI_BYTE, comm_),
+                "MPI_Allgatherv", comm_);
   }
 
   void all_reduce(float* data, int64_t count, ReduceOp op) override {
     assert(count <= INT_MAX);
-    MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_);
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_), "MPI_Allreduce",
+              comm_);
     if (op == ReduceOp::average && size_ > 1) {
       const float scale = 1.0f / static_cast<float>(size_);
       for (int64_t i = 0; i < count; ++i) data[i] *= scale;
@@ -121,10 +146,10 @@ class MpiCommunicator final : public Communicator {
 
   void broadcast(void* data, int64_t bytes, int root) override {
     assert(bytes <= INT_MAX);
-    MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_);
+    check_mpi(MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_), "MPI_Bcast", comm_);
   }
 
-  void barrier() override { MPI_Barrier(comm_); }
+  void barrier() override { check_mpi(MPI_Barrier(comm_), "MPI_Barrier", comm_); }
 
   std::vector<std::string> gather_to_root(const std::string& record) override {
     return gather_records_to_root(comm_, record);
@@ -150,7 +175,7 @@ std::vector<std::string> gather_records_to_root(MPI_Comm comm, const std::string
   MPI_Comm_size(comm, &size);
   int length = static_cast<int>(record.size());
   std::vector<int> lengths(rank == 0 ? size : 0);
-  MPI_Gather(&length, 1, MPI_INT, lengths.data(), 1, MPI_INT, 0, comm);
+  check_mpi(MPI_Gather(&length, 1, MPI_INT, lengths.data(), 1, MPI_INT, 0, comm), "MPI_Gather", comm);
   std::vector<int> displacements(lengths.size(), 0);
   int total = 0;
   for (size_t r = 0; r < lengths.size(); ++r) {
@@ -158,7 +183,9 @@ std::vector<std::string> gather_records_to_root(MPI_Comm comm, const std::string
     total += lengths[r];
   }
   std::vector<char> buffer(static_cast<size_t>(total));
-  MPI_Gatherv(record.data(), length, MPI_CHAR, buffer.data(), lengths.data(), displacements.data(), MPI_CHAR, 0, comm);
+  check_mpi(MPI_Gatherv(record.data(), length, MPI_CHAR, buffer.data(), lengths.data(), displacements.data(), MPI_CHAR,
+                        0, comm),
+            "MPI_Gatherv", comm);
   std::vector<std::string> records;
   for (size_t r = 0; r < lengths.size(); ++r)
     records.emplace_back(buffer.data() + displacements[r], static_cast<size_t>(lengths[r]));
