@@ -209,13 +209,10 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
   if (world > 0) {
     out << "\nshard plan for " << world << " ranks (bytes of packed codes + absmax each rank holds; replicated tensors "
         << "are held whole by every rank):\n";
+    check_world_fits(*store, world);
     std::vector<int64_t> totals(world, 0);
     for (const auto& tensor : store->tensors()) {
       if (!tensor.quantized) continue;
-      if (world > shard::max_world_for(tensor.numel, header.blocksize))
-        throw UserError("tensor '" + tensor.name + "' has only " +
-                        std::to_string(shard::max_world_for(tensor.numel, header.blocksize)) +
-                        " quantization blocks; it cannot be sharded over " + std::to_string(world) + " ranks");
       std::snprintf(row, sizeof row, "  %-48s", tensor.name.c_str());
       out << row;
       for (int rank = 0; rank < world; ++rank) {

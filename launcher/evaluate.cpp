@@ -8,6 +8,7 @@
 
 #include "launcher/demo.h"
 #include "launcher/errors.h"
+#include "launcher/train.h"
 #include "prepare/prepare.h"
 #include "shard/json.h"
 #include "shard/safetensors.h"
@@ -102,10 +103,7 @@ EvalResult run_evaluation(const EvalOptions& options, cluster::Communicator& com
     window_count = std::min(options.max_windows, windows->window_count()) / communicator.size() * communicator.size();
     if (window_count == 0)
       throw UserError("the evaluation text is too short for one window of --seq-len + 1 tokens per rank");
-    for (const auto& tensor : store->tensors())
-      if (tensor.quantized && communicator.size() > shard::max_world_for(tensor.numel, store->header().blocksize))
-        throw UserError("world size " + std::to_string(communicator.size()) + " is larger than the quantization blocks "
-                        "of tensor '" + tensor.name + "'");
+    check_world_fits(*store, communicator.size());
     model = model::LlamaModel(*store, communicator);
     prepare::PrepareOptions prepare_options;
     prepare_options.use_gradient_checkpointing = false;

@@ -32,17 +32,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
-// Refuses world sizes that would leave a rank without a single quantization block of some tensor.
-void check_world_fits(const shard::ModelStore& store, int world) {
-  for (const auto& tensor : store.tensors()) {
-    if (!tensor.quantized) continue;
-    const int64_t limit = shard::max_world_for(tensor.numel, store.header().blocksize);
-    if (world > limit)
-      throw UserError("world size " + std::to_string(world) + " is larger than the " + std::to_string(limit) +
-                          " quantization blocks of tensor '" + tensor.name + "' in " + store.path(),
-                      "run with at most " + std::to_string(limit) + " ranks, or convert with a smaller --blocksize");
-  }
-}
 
 // FNV-1a over every adapter's bytes: equal on all ranks unless their replicas drifted apart.
 std::string adapter_checksum(model::LlamaModelImpl& model) {
@@ -142,6 +131,17 @@ class Progress {
 std::atomic<int> g_stop_signal{0};
 
 }  // namespace
+
+void check_world_fits(const shard::ModelStore& store, int world) {
+  for (const auto& tensor : store.tensors()) {
+    if (!tensor.quantized) continue;
+    const int64_t limit = shard::max_world_for(tensor.numel, store.header().blocksize);
+    if (world > limit)
+      throw UserError("world size " + std::to_string(world) + " is larger than the " + std::to_string(limit) +
+                          " quantization blocks of tensor '" + tensor.name + "' in " + store.path(),
+                      "run with at most " + std::to_string(limit) + " ranks, or convert with a smaller --blocksize");
+  }
+}
 
 void validate_options(const TrainOptions& options, int world) {
   if (options.steps < 1) throw UserError("--steps must be at least 1");

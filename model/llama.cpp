@@ -185,15 +185,19 @@ torch::Tensor rotary_inverse_frequencies(const shard::ModelConfig& config) {
 
 DecoderBlockImpl::DecoderBlockImpl(const shard::ModelConfig& config, int64_t layer_index,
                                    kernels::QuantType quant_type, int64_t blocksize)
-    : layer(layer_index), config_(config), quant_type_(quant_type), blocksize_(blocksize) {}
+    : layer(layer_index), config_(config), quant_type_(quant_type), blocksize_(blocksize) {
+  for (const auto& linear : shard::block_linear_names())
+    linear_shapes_.push_back(config_.expected_shape(shard::layer_prefix(layer) + linear + ".weight"));
+}
 
 void DecoderBlockImpl::add_lora(const LoraConfig& config, at::Generator& init_generator) {
   const auto& names = shard::block_linear_names();
   for (const auto& target : config.resolved_targets()) {
-    for (const auto& full_name : names) {
+    for (size_t index = 0; index < names.size(); ++index) {
+      const std::string& full_name = names[index];
       if (full_name.substr(full_name.find('.') + 1) != target) continue;
       const std::string module_name = shard::layer_prefix(layer) + full_name;
-      const auto shape = config_.expected_shape(module_name + ".weight");
+      const auto& shape = linear_shapes_[index];
       adapters.insert_or_assign(target, register_module("lora_" + target,
                                                         LoraAdapter(shape[1], shape[0], config.for_module(module_name),
                                                                     init_generator)));
@@ -203,10 +207,8 @@ void DecoderBlockImpl::add_lora(const LoraConfig& config, at::Generator& init_ge
 
 torch::Tensor DecoderBlockImpl::dequantize_weight(size_t tensor_index) {
   if (!dense_weights.empty()) return dense_weights[tensor_index].to(torch::kFloat);
-  const auto shape = config_.expected_shape(shard::layer_prefix(layer) + shard::block_linear_names()[tensor_index] +
-                                            ".weight");
   const cluster::GatheredBlock weights = gatherer_->acquire(static_cast<size_t>(layer));
-  auto weight = dequantize_gathered(weights, tensor_index, quant_type_, blocksize_, shape);
+  auto weight = dequantize_gathered(weights, tensor_index, quant_type_, blocksize_, linear_shapes_[tensor_index]);
   gatherer_->poll();
   return weight;
 }

@@ -54,6 +54,7 @@ class DecoderBlockImpl : public torch::nn::Module {
   torch::Tensor project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
                         at::Generator* dropout_generator);
   shard::ModelConfig config_;
+  std::vector<std::vector<int64_t>> linear_shapes_;  // [out, in] per projection, block_linear_names order
   cluster::BlockGatherer* gatherer_ = nullptr;
   kernels::QuantType quant_type_;
   int64_t blocksize_;

@@ -25,6 +25,12 @@ constexpr const char* kFormatName = "qlora-4bit-store";
 
 std::string tensor_group(const std::string& name) { return "/tensors/" + name; }
 
+int64_t element_count(const std::vector<int64_t>& shape) {
+  int64_t numel = 1;
+  for (int64_t dim : shape) numel *= dim;
+  return numel;
+}
+
 }  // namespace
 
 // ---- FNV-1a --------------------------------------------------------------------------------------
@@ -99,8 +105,7 @@ std::unique_ptr<ModelStore> ModelStore::open(const std::string& path) {
     if (tensor.quantized != (quantized_store && ModelConfig::is_block_linear(name)))
       throw FormatError(where + (tensor.quantized ? " is quantized but should not be" : " should be quantized but is not") +
                         " in a '" + header.quant_method + "' store");
-    tensor.numel = 1;
-    for (int64_t dim : tensor.shape) tensor.numel *= dim;
+    tensor.numel = element_count(tensor.shape);
     store->tensors_.push_back(std::move(tensor));
   }
   return store;
@@ -178,17 +183,28 @@ ModelStoreWriter::~ModelStoreWriter() {
   if (!finished_) std::remove(partial_path_.c_str());
 }
 
+int64_t ModelStoreWriter::create_tensor_group(const std::string& name, const std::vector<int64_t>& shape,
+                                              kernels::DType dtype, bool quantized) {
+  const std::string where = path_ + ": tensor '" + name + "'";
+  const hid_t group =
+      H5Gcreate2(static_cast<hid_t>(file_), tensor_group(name).c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+  if (group < 0) throw FormatError(where + ": cannot create its group (duplicate tensor?)");
+  try {
+    write_int_array_attribute(group, "shape", shape, where);
+    write_string_attribute(group, "dtype", kernels::dtype_name(dtype), where);
+    write_int_attribute(group, "quantized", quantized ? 1 : 0, where);
+  } catch (...) {
+    H5Gclose(group);
+    throw;
+  }
+  return group;
+}
+
 void ModelStoreWriter::add_quantized(const std::string& name, const std::vector<int64_t>& shape,
                                      kernels::DType source_dtype, const uint8_t* codes, const float* absmax) {
-  int64_t numel = 1;
-  for (int64_t dim : shape) numel *= dim;
+  const int64_t numel = element_count(shape);
+  Handle group(create_tensor_group(name, shape, source_dtype, true), H5Gclose);
   const std::string where = path_ + ": tensor '" + name + "'";
-  Handle group(H5Gcreate2(static_cast<hid_t>(file_), tensor_group(name).c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
-               H5Gclose);
-  if (!group.valid()) throw FormatError(where + ": cannot create its group (duplicate tensor?)");
-  write_int_array_attribute(group.get(), "shape", shape, where);
-  write_string_attribute(group.get(), "dtype", kernels::dtype_name(source_dtype), where);
-  write_int_attribute(group.get(), "quantized", 1, where);
   write_dataset(group.get(), "codes", kernels::DType::u8, kernels::packed_byte_count(numel), codes, where);
   write_dataset(group.get(), "absmax", kernels::DType::f32, kernels::quant_block_count(numel, header_.blocksize),
                 absmax, where);
@@ -196,16 +212,8 @@ void ModelStoreWriter::add_quantized(const std::string& name, const std::vector<
 
 void ModelStoreWriter::add_dense(const std::string& name, const std::vector<int64_t>& shape, kernels::DType dtype,
                                  const void* data) {
-  int64_t numel = 1;
-  for (int64_t dim : shape) numel *= dim;
-  const std::string where = path_ + ": tensor '" + name + "'";
-  Handle group(H5Gcreate2(static_cast<hid_t>(file_), tensor_group(name).c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
-               H5Gclose);
-  if (!group.valid()) throw FormatError(where + ": cannot create its group (duplicate tensor?)");
-  write_int_array_attribute(group.get(), "shape", shape, where);
-  write_string_attribute(group.get(), "dtype", kernels::dtype_name(dtype), where);
-  write_int_attribute(group.get(), "quantized", 0, where);
-  write_dataset(group.get(), "data", dtype, numel, data, where);
+  Handle group(create_tensor_group(name, shape, dtype, false), H5Gclose);
+  write_dataset(group.get(), "data", dtype, element_count(shape), data, path_ + ": tensor '" + name + "'");
 }
 
 void ModelStoreWriter::set_source_checksum(const std::string& checksum) { header_.source_checksum = checksum; }

@@ -84,6 +84,9 @@ class ModelStoreWriter {
   void finish();
 
  private:
+  // Creates /tensors/<name> with its shape, dtype and quantized attributes; returns the open group.
+  int64_t create_tensor_group(const std::string& name, const std::vector<int64_t>& shape, kernels::DType dtype,
+                              bool quantized);
   std::string path_;
   std::string partial_path_;
   StoreHeader header_;
