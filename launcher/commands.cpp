@@ -265,7 +265,9 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
       ("keep-embeddings-16bit", po::value<bool>()->default_value(false)->implicit_value(true), "do not upcast embeddings / LM head")
       ("optimizer", po::value<std::string>()->default_value("adamw"), "adamw | sgd")
       ("compute-dtype", po::value<std::string>()->default_value("fp32"), "activation dtype: fp32 (this CPU runtime) | bf16")
-      ("gather-slots", po::value<int>()->default_value(2), "gathered 4-bit blocks kept in memory");
+      ("gather-slots", po::value<int>()->default_value(2), "gathered 4-bit blocks kept in memory")
+      ("offload-weights", po::value<bool>()->default_value(false)->implicit_value(true),
+       "keep the 4-bit shards in host memory (as FSDP CPU offload does); only gathered blocks use the device");
   po::options_description output_options("Output");
   output_options.add_options()
       ("help,h", "show this help")
@@ -329,6 +331,7 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
   job.optimizer = values["optimizer"].as<std::string>();
   job.compute_dtype = values["compute-dtype"].as<std::string>();
   job.gather_slots = values["gather-slots"].as<int>();
+  job.offload_weights = values["offload-weights"].as<bool>();
   if (job.lora.r < 1) throw UserError("--lora-r must be at least 1");
   if (job.accumulation_steps < 1) throw UserError("--accumulation-steps must be at least 1");
   if (job.world > 1 && job.quant != "none") {

@@ -253,13 +253,15 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
     RankPlan row;
     row.rank = rank;
     row.quantized_weights = quantized ? segment_bytes(rank) * layers : 0;
+    if (job.offload_weights) std::swap(row.quantized_weights, row.offloaded);
     row.replicated_parameters = norm_elements * 4 + bias_elements * 4 +
                                 (quantized ? 0 : layers * block_linear_elements * source_element);
     row.embeddings = embedding_elements * embedding_tensors * embedding_element;
     row.adapters = adapter_elements * 4;
     row.gradients = 2 * adapter_elements * 4;   // .grad plus the flat reduction buckets
     row.optimizer_state = job.optimizer == "adamw" ? 2 * adapter_elements * 4 : 0;
-    row.gather_buffers = quantized && job.world > 1 ? std::max(1, job.gather_slots) * gathered : 0;
+    row.gather_buffers =
+        quantized && (job.world > 1 || job.offload_weights) ? std::max(1, job.gather_slots) * gathered : 0;
     row.forward_activations = chosen.forward;
     row.backward_activations = chosen.backward;
     row.activations_checkpointed = std::max(checkpointed.forward, checkpointed.backward);
@@ -348,6 +350,7 @@ const std::vector<Field>& fields() {
       {"activations with checkpointing", &RankPlan::activations_checkpointed},
       {"activations without checkpointing", &RankPlan::activations_full},
       {"peak", &RankPlan::peak},
+      {"host memory (offloaded shards)", &RankPlan::offloaded},
   };
   return list;
 }
@@ -466,6 +469,7 @@ shard::Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
   job["embeddings_16bit"] = plan.job.embeddings_16bit;
   job["optimizer"] = plan.job.optimizer;
   job["compute_dtype"] = plan.job.compute_dtype;
+  job["offload_weights"] = plan.job.offload_weights;
   json["job"] = job;
   shard::Json::Array ranks;
   for (const auto& row : plan.ranks) {
@@ -485,6 +489,7 @@ shard::Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
     entry["logits"] = row.logits;
     entry["resident"] = row.resident;
     entry["peak"] = row.peak;
+    entry["offloaded"] = row.offloaded;
     ranks.push_back(entry);
   }
   json["per_rank"] = shard::Json(ranks);
