@@ -133,8 +133,10 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, bo
   Activations result;
   result.logits = logits_chunk;
   const int64_t final_norm = 2 * hidden_bytes;
-  const int64_t loss_forward = 2 * logits_chunk + lm_head_copy_bytes;
-  const int64_t loss_backward = hidden_bytes + 2 * logits_chunk + lm_head_copy_bytes;
+  // The loss forms its input gradient in forward (a chunk's logits and log-softmax at a time), so
+  // its backward only scales the saved gradient.
+  const int64_t loss_forward = 2 * logits_chunk + hidden_bytes + lm_head_copy_bytes;
+  const int64_t loss_backward = 2 * hidden_bytes;
   const int64_t saved = block_saved_for_backward(s, adapter_rows, dropout_inputs, mask_bytes, element);
   // Backward through one block. Two moments compete: the MLP's backward (every saved tensor of the
   // block plus hidden-sized gradient temporaries) and the attention's (the softmax output, its
