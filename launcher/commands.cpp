@@ -6,6 +6,7 @@
 
 #include <unistd.h>
 
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -17,6 +18,7 @@
 #include "launcher/errors.h"
 #include "launcher/evaluate.h"
 #include "launcher/plan.h"
+#include "launcher/report.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
 #include "shard/json.h"
@@ -95,6 +97,7 @@ std::string usage() {
          "  convert   write a 4-bit model store (model.h5) from a Hugging Face folder or a synthetic preset\n"
          "  eval      loss and perplexity of a model, with or without a PEFT adapter\n"
          "  inspect   print a model store and, with --world N, each rank's shard\n"
+         "  report    PNG plots (loss, learning rate, throughput, memory per rank) and report.md of a run folder\n"
          "\n"
          "`qlora <command> --help` lists a command's options.\n";
 }
@@ -353,6 +356,46 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
     if (values.count("fit")) std::cout << "\n" << format_fit(fit, plan);
     std::cout << std::flush;
   }
+  return 0;
+}
+
+// ---- report --------------------------------------------------------------------------------------
+
+int run_report(const std::vector<std::string>& arguments, CommandContext& context) {
+  po::options_description options("qlora report options");
+  options.add_options()
+      ("help,h", "show this help")
+      ("run", po::value<std::string>(), "run folder written by qlora train --out")
+      ("out", po::value<std::string>()->default_value(""), "folder for report.md and the PNGs (default: RUN/report)");
+  po::positional_options_description positional;
+  positional.add("run", 1);
+  const auto values = parse(arguments, options, "report", &positional);
+  const std::string synopsis = "usage: qlora report runs/NAME [--out DIR]";
+  if (values.count("help") || !values.count("run")) {
+    print_help(synopsis, options);
+    if (!values.count("help")) throw UserError("no run folder given", synopsis);
+    return 0;
+  }
+  const std::string run_dir = values["run"].as<std::string>();
+  std::string out = values["out"].as<std::string>();
+  if (out.empty()) out = run_dir + "/report";
+  // Reading a few files is a one-process job; under mpirun the other ranks just wait for it.
+  run_collectively(context.communicator, [&] {
+    if (context.layout.rank != 0) return;
+    const auto start = std::chrono::steady_clock::now();
+    const RunRecord run = load_run(run_dir);
+    for (const auto& warning : run.warnings) cluster::log::warn(warning);
+    const ReportImages images = write_report(run, out);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::string written = "report.md";
+    for (const auto* image : {&images.loss, &images.throughput, &images.learning_rate, &images.memory})
+      if (!image->empty()) written += ", " + *image;
+    char line[400];
+    std::snprintf(line, sizeof line, "report: %zu steps (last loss %.4f), %zu evaluations, %zu ranks of memory -> %s/{%s} in %.2f s",
+                  run.steps.size(), run.steps.back().loss, run.evaluations.size(), run.memory.size(), out.c_str(),
+                  written.c_str(), seconds);
+    cluster::log::banner(line);
+  });
   return 0;
 }
 
