@@ -51,9 +51,11 @@ std::string source_checksum(const std::string& data_path, const std::vector<fs::
 
 class TokenFileWriter {
  public:
+  // An empty path makes a writer that is not ok().
   explicit TokenFileWriter(const std::string& path)
       : path_(path), partial_(path + ".partial-" + std::to_string(getpid())) {
     shard::h5::silence_hdf5_errors();
+    if (path.empty()) return;
     file_ = H5Fcreate(partial_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (file_ < 0) return;
     hsize_t initial = 0, unlimited = H5S_UNLIMITED;
@@ -223,10 +225,16 @@ TokenCacheResult ensure_token_cache(const std::string& data_path, const shard::T
     }
   }
   result.path = token_cache_path(data_path);
-  auto writer = std::make_unique<TokenFileWriter>(result.path);
+  // A folder without any write permission bit is read-only by intent, even to root (who could write).
+  std::error_code error;
+  const auto permissions = fs::status(fs::path(result.path).parent_path().empty() ? fs::path(".")
+                                                                                   : fs::path(result.path).parent_path(),
+                                      error).permissions();
+  const bool writable_by_intent =
+      (permissions & (fs::perms::owner_write | fs::perms::group_write | fs::perms::others_write)) != fs::perms::none;
+  auto writer = std::make_unique<TokenFileWriter>(writable_by_intent ? result.path : std::string());
   if (!writer->ok()) {
     result.path = fallback_token_cache_path(data_path);
-    std::error_code error;
     fs::create_directories(fs::path(result.path).parent_path(), error);
     writer = std::make_unique<TokenFileWriter>(result.path);
     if (!writer->ok())

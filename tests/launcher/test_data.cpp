@@ -97,6 +97,28 @@ TEST(TokenCache, BuiltOnceReusedAndRebuiltWhenTheTextOrTheTokenizerChanges) {
   EXPECT_EQ(all_tokens(*TokenStream::open_file(retokenized.path)), byte_tokens(edited));
 }
 
+TEST(TokenCache, AReadOnlyFolderSendsTheCacheToTheCacheFolder) {
+  const fs::path folder = fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "readonly";
+  fs::create_directories(folder / "texts");
+  write_file(folder / "texts" / "a.txt", "Emma Woodhouse, handsome, clever, and rich.\n");
+  fs::permissions(folder, fs::perms::owner_read | fs::perms::owner_exec | fs::perms::group_read |
+                              fs::perms::group_exec | fs::perms::others_read | fs::perms::others_exec);
+  setenv("QLORA_CACHE_DIR", (fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "cache-dir").c_str(), 1);
+  const auto bytes = shard::make_byte_tokenizer();
+  const std::string checksum = shard::TokenizerSource{"bytes", "", "", ""}.checksum();
+  const TokenCacheResult built = ensure_token_cache((folder / "texts").string(), *bytes, checksum);
+  const TokenCacheResult reused = ensure_token_cache((folder / "texts").string(), *bytes, checksum);
+  const std::string fallback = fallback_token_cache_path((folder / "texts").string());
+  unsetenv("QLORA_CACHE_DIR");
+  fs::permissions(folder, fs::perms::owner_all);
+  EXPECT_TRUE(built.built);
+  EXPECT_FALSE(reused.built);
+  EXPECT_EQ(built.path, fallback);
+  EXPECT_EQ(built.path.rfind(fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "cache-dir", 0), 0u) << built.path;
+  EXPECT_FALSE(fs::exists(folder / "texts.tokens.h5"));
+  EXPECT_EQ(reused.path, built.path);
+}
+
 TEST(TokenCache, FolderSourcesAreSortedDocumentsAndLargeFilesTokenizeAsAWhole) {
   const fs::path folder = fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "corpus";
   fs::create_directories(folder / "sub");
