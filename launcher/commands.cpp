@@ -408,7 +408,7 @@ int run_eval(const std::vector<std::string>& arguments, CommandContext& context)
       ("help,h", "show this help")
       ("model", po::value<std::string>(), "4-bit model store")
       ("adapter", po::value<std::string>()->default_value(""), "PEFT adapter folder (qlora's runs/NAME/final or PEFT's)")
-      ("data", po::value<std::string>()->default_value(""), "text file or folder (default: the embedded excerpt)")
+      ("data", po::value<std::string>()->default_value(""), "text file, folder or HDF5 token file (default: the embedded excerpt)")
       ("seq-len", po::value<int64_t>()->default_value(eval.sequence_length), "tokens per window")
       ("windows", po::value<int64_t>()->default_value(eval.max_windows), "consecutive windows evaluated (at most)")
       ("micro-batch", po::value<int64_t>()->default_value(eval.micro_batch), "windows per forward on each rank")
@@ -443,7 +443,7 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   po::options_description data_options("Model and data");
   data_options.add_options()
       ("model", po::value<std::string>(), "4-bit model store (qlora convert); omitted: the embedded synthetic demo model")
-      ("data", po::value<std::string>(), "text file or folder of .txt files; omitted: the embedded Austen excerpt")
+      ("data", po::value<std::string>(), "text file, folder of .txt/.md files, or HDF5 token file; omitted: the embedded Austen excerpt")
       ("eval-data", po::value<std::string>(), "separate evaluation text (default: a held-out tail of --data)")
       ("eval-fraction", po::value<double>()->default_value(train.eval_fraction), "held-out share of --data for evaluation")
       ("out", po::value<std::string>()->default_value(train.out_dir), "run folder: metrics, memory report, adapter");
