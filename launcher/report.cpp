@@ -120,6 +120,7 @@ void read_metrics(const std::string& path, RunRecord& run) {
       point.tokens_per_second = entry.number_or_missing("tokens_per_second");
       point.step_seconds = entry.number_or_missing("step_seconds");
       point.gather_wait_seconds = entry.number_or_missing("gather_wait_seconds");
+      point.reduce_wait_seconds = entry.number_or_missing("reduce_wait_seconds");
       const double peak = entry.number_or_missing("peak_bytes_rank0");
       point.peak_bytes_rank0 = std::isfinite(peak) ? static_cast<int64_t>(peak) : -1;
       if (steps.count(step)) ++run.replaced_lines;
@@ -236,6 +237,8 @@ struct Throughput {
   double seconds = 0;
   double median_tokens_per_second = kMissing;
   double gather_wait_seconds = 0;
+  double reduce_wait_seconds = 0;
+  bool has_reduce_wait = false;
   bool known = false;
 };
 
@@ -252,6 +255,10 @@ Throughput measure_throughput(const std::vector<TrainingStep>& steps) {
     result.tokens += step.tokens_per_second * step.step_seconds;
     result.seconds += step.step_seconds;
     if (std::isfinite(step.gather_wait_seconds)) result.gather_wait_seconds += step.gather_wait_seconds;
+    if (std::isfinite(step.reduce_wait_seconds)) {
+      result.reduce_wait_seconds += step.reduce_wait_seconds;
+      result.has_reduce_wait = true;
+    }
     rates.push_back(step.tokens_per_second);
   }
   if (!rates.empty()) {
@@ -411,6 +418,11 @@ std::string report_markdown(const RunRecord& run, const ReportImages& images) {
        << format("%.3f s (%.1f%% of step time)", throughput.gather_wait_seconds,
                  throughput.seconds > 0 ? 100.0 * throughput.gather_wait_seconds / throughput.seconds : 0.0)
        << " |\n";
+    if (throughput.has_reduce_wait)
+      md << "| waiting on the gradient all-reduce (rank 0) | "
+         << format("%.3f s (%.1f%% of step time)", throughput.reduce_wait_seconds,
+                   throughput.seconds > 0 ? 100.0 * throughput.reduce_wait_seconds / throughput.seconds : 0.0)
+         << " |\n";
     if (steps.back().peak_bytes_rank0 >= 0)
       md << "| allocator peak on rank 0 | "
          << format("%.2f MiB", static_cast<double>(steps.back().peak_bytes_rank0) / (1024.0 * 1024.0)) << " |\n";

@@ -21,6 +21,7 @@ struct TrainingStep {
   double tokens_per_second = 0;
   double step_seconds = 0;
   double gather_wait_seconds = 0;
+  double reduce_wait_seconds = 0;   // NaN in runs written before the field existed
   int64_t peak_bytes_rank0 = -1;
 };
 

@@ -415,7 +415,8 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
           std::max(memory.backward_activation_peak, cluster::MemoryCounter::peak_bytes() - resident);
       local_loss += loss.item<double>() / static_cast<double>(micro_steps);
     }
-    communication_seconds += reducer.finish_step();
+    const double reduce_wait_seconds = reducer.finish_step();
+    communication_seconds += reduce_wait_seconds;
     const double global_loss = communicator.all_reduce_scalar(local_loss, cluster::ReduceOp::average);
     // The reduced gradients are identical on every rank, so is their norm and the decision below.
     const double gradient_norm =
@@ -453,6 +454,8 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     line["tokens_per_second"] = tokens_per_step / step_seconds;
     line["step_seconds"] = step_seconds;
     line["gather_wait_seconds"] = model->gatherer().stats().wait_seconds - gather_wait_before;
+    line["reduce_wait_seconds"] = reduce_wait_seconds;
+    line["communication_seconds"] = reduce_wait_seconds + (model->gatherer().stats().wait_seconds - gather_wait_before);
     line["peak_bytes_rank0"] = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
     write_metrics(line);
     if (options.eval_every > 0 && (step + 1) % options.eval_every == 0 && step + 1 < options.steps)

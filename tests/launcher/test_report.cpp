@@ -699,6 +699,13 @@ TEST(Report, TrainOnTwoRanksThenReport) {
   double last_eval = NAN;
   while (std::getline(lines, line)) {
     const auto value = shard::Json::parse(line);
+    if (value.contains("loss")) {
+      // Every step line carries its communication time: gather wait plus all-reduce wait.
+      const double gather = value.at("gather_wait_seconds").as_double();
+      const double reduce = value.at("reduce_wait_seconds").as_double();
+      EXPECT_GE(reduce, 0.0);
+      EXPECT_NEAR(value.at("communication_seconds").as_double(), gather + reduce, 1e-9);
+    }
     if (value.contains("loss")) last_loss = value.at("loss").as_double();
     if (value.contains("eval_loss")) last_eval = value.at("eval_loss").as_double();
   }
@@ -712,6 +719,7 @@ TEST(Report, TrainOnTwoRanksThenReport) {
   EXPECT_TRUE(contains(md, "\n| 0 |")) << md;
   EXPECT_TRUE(contains(md, "\n| 1 |")) << md;
   EXPECT_TRUE(contains(md, "| final adapter | final/ (PEFT format) |")) << md;
+  EXPECT_TRUE(contains(md, "| waiting on the gradient all-reduce (rank 0) |")) << md;
 
   // The loss plot holds both curves' colours, the memory plot two bars.
   const auto loss = decode_png(read_bytes(report + "/loss.png"));
