@@ -10,9 +10,12 @@ pre-quantized checkpoints:
   int8/              load_in_8bit                                        (weight int8 + SCB + weight_format)
 bitsandbytes 0.50 quantizes on the CPU here (its pure-torch backend, BitsandbytesBackend::cpu in
 kernels/nf4.h); 8-bit saving needs no GPU either. Each folder also holds `expected.safetensors`:
-the fixed token ids, the fp32 logits of transformers reading the saved checkpoint back (dtype
-float32: norms, embeddings and LM head upcast, 4-bit compute dtype float32), and bitsandbytes' own
-dequantization of two weights. For 8-bit the logits are taken in train() mode (dropout is 0):
+the fixed token ids; `logits`: transformers reading the saved checkpoint back and running it with
+bitsandbytes' CPU kernels (dtype float32: norms, embeddings and LM head upcast, 4-bit compute dtype
+float32; those kernels still compute the 4-bit and 8-bit products at reduced precision);
+`logits_fp32_dequantized`: transformers' Llama in fp32 with each quantized weight replaced by
+bitsandbytes' fp32 dequantization of the saved bytes; and bitsandbytes' own dequantization of two
+weights (4-bit into the quant_state dtype, as it does by default). For 8-bit the logits are taken in train() mode (dropout is 0):
 on the CPU bitsandbytes then runs MatMul8bitFp, weight dequantized (CB * SCB / 127) then an fp32
 matmul, which is what qlora computes; eval() mode would add LLM.int8's activation quantization.
 
@@ -52,14 +55,34 @@ def input_ids():
     return torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=generator)
 
 
-def dequantized(tensors, module):
-    """bitsandbytes' own dequantization of the saved bytes (the in-memory CPU model may be repacked)."""
+def dequantized(tensors, module, dtype=None):
+    """bitsandbytes' own dequantization of the saved bytes (the in-memory CPU model may be repacked).
+    4-bit weights decode into the quant_state dtype unless `dtype` overrides it."""
     weight = module + ".weight"
-    if weight + ".SCB" in tensors or module + ".SCB" in tensors:
+    if module + ".SCB" in tensors:
         return bnb_functional.int8_vectorwise_dequant(tensors[weight], tensors[module + ".SCB"]).to(torch.float32)
     state_entries = {key[len(weight) + 1:]: value for key, value in tensors.items() if key.startswith(weight + ".")}
     state = bnb_functional.QuantState.from_dict(state_entries, device=torch.device("cpu"))
+    if dtype is not None:
+        state.dtype = dtype
     return bnb_functional.dequantize_4bit(tensors[weight], state).to(torch.float32)
+
+
+def fp32_logits(folder, saved, ids):
+    """transformers' Llama in fp32 with every quantized weight replaced by its fp32 dequantization."""
+    config = transformers.AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for name, _ in model.named_parameters():
+        if saved[name].dtype in (torch.float16, torch.bfloat16):
+            state[name] = saved[name].to(torch.float32)
+        else:
+            state[name] = dequantized(saved, name[:-len(".weight")], torch.float32)
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits.to(torch.float32)
 
 
 def make_variant(source, name, quantization, dtype):
@@ -81,8 +104,9 @@ def make_variant(source, name, quantization, dtype):
     ids = input_ids()
     with torch.no_grad():
         logits = reloaded(ids).logits.to(torch.float32)
-    expected = {"input_ids": ids.to(torch.int64), "logits": logits.contiguous()}
     saved = load_file(os.path.join(folder, "model.safetensors"))
+    expected = {"input_ids": ids.to(torch.int64), "logits": logits.contiguous(),
+                "logits_fp32_dequantized": fp32_logits(folder, saved, ids).contiguous()}
     for module in CHECKED_WEIGHTS:
         expected[module + ".dequantized"] = dequantized(saved, module).contiguous()
     save_file(expected, os.path.join(folder, "expected.safetensors"))
