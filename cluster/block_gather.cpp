@@ -12,22 +12,25 @@ namespace {
 int64_t align8(int64_t value) { return (value + 7) & ~int64_t{7}; }
 }  // namespace
 
-FlatShardLayout::FlatShardLayout(std::vector<QuantizedTensorSpec> tensors, int64_t blocksize, int world)
-    : tensors_(std::move(tensors)), blocksize_(blocksize), world_(world) {
+FlatShardLayout::FlatShardLayout(std::vector<QuantizedTensorSpec> tensors, int world)
+    : tensors_(std::move(tensors)), world_(world) {
   ranges_.resize(world);
   codes_offsets_.resize(world);
   absmax_offsets_.resize(world);
+  nested_offsets_.resize(world);
   segment_bytes_.resize(world);
   segment_offsets_.resize(world);
   for (int rank = 0; rank < world; ++rank) {
     int64_t offset = 0;
     for (const auto& tensor : tensors_) {
-      const shard::ShardRange range = shard::shard_range(tensor.numel, blocksize, rank, world);
+      const shard::ShardRange range = shard::shard_range(tensor.geometry, rank, world);
       ranges_[rank].push_back(range);
       codes_offsets_[rank].push_back(offset);
       offset = align8(offset + range.bytes());
       absmax_offsets_[rank].push_back(offset);
-      offset = align8(offset + range.blocks() * static_cast<int64_t>(sizeof(float)));
+      offset = align8(offset + range.blocks() * tensor.geometry.absmax_bytes_per_block());
+      nested_offsets_[rank].push_back(offset);
+      offset = align8(offset + range.nested_blocks() * static_cast<int64_t>(sizeof(float)));
     }
     segment_bytes_[rank] = offset;
     segment_offsets_[rank] = gathered_bytes_;
@@ -41,9 +44,12 @@ std::vector<QuantizedPiece> GatheredBlock::pieces(size_t tensor) const {
     const shard::ShardRange& range = layout_->range(rank, tensor);
     if (range.elements() == 0) continue;
     const uint8_t* segment = base_ + layout_->segment_offset(rank);
+    const bool nested = layout_->tensors()[tensor].geometry.double_quant;
+    const uint8_t* absmax = segment + layout_->absmax_offset(rank, tensor);
     result.push_back({segment + layout_->codes_offset(rank, tensor),
-                      reinterpret_cast<const float*>(segment + layout_->absmax_offset(rank, tensor)),
-                      range.element_begin, range.elements()});
+                      nested ? nullptr : reinterpret_cast<const float*>(absmax), nested ? absmax : nullptr,
+                      nested ? reinterpret_cast<const float*>(segment + layout_->nested_offset(rank, tensor)) : nullptr,
+                      range.element_begin, range.elements(), range.blocks()});
   }
   return result;
 }

@@ -1,6 +1,7 @@
-// Sharded 4-bit parameters of one decoder block and their all-gather with prefetch.
-// Every rank holds one flat byte segment per block: for each tensor, its slice of packed codes then
-// its slice of absmax (8-byte aligned). Gathering concatenates the ranks' segments; a tensor is then
+// Sharded quantized parameters of one decoder block and their all-gather with prefetch.
+// Every rank holds one flat byte segment per block: for each tensor, its slice of codes (packed 4-bit
+// or int8), then its slice of absmax (fp32, or uint8 under double quantization), then its nested
+// absmax under double quantization, each 8-byte aligned. Gathering concatenates the ranks' segments; a tensor is then
 // read as pieces, one per rank, each a run of whole quantization blocks, so nothing is copied after
 // the gather and dequantization reads straight from the gathered buffer.
 #pragma once
@@ -19,41 +20,46 @@ namespace qlora::cluster {
 
 struct QuantizedTensorSpec {
   std::string name;
-  int64_t numel = 0;
+  shard::QuantGeometry geometry;
+  float nested_offset = 0.0f;   // double quantization: added to every decoded absmax
 };
 
 class FlatShardLayout {
  public:
-  FlatShardLayout(std::vector<QuantizedTensorSpec> tensors, int64_t blocksize, int world);
+  FlatShardLayout(std::vector<QuantizedTensorSpec> tensors, int world);
 
   int world() const { return world_; }
-  int64_t blocksize() const { return blocksize_; }
   const std::vector<QuantizedTensorSpec>& tensors() const { return tensors_; }
   const shard::ShardRange& range(int rank, size_t tensor) const { return ranges_[rank][tensor]; }
   int64_t segment_bytes(int rank) const { return segment_bytes_[rank]; }
   int64_t segment_offset(int rank) const { return segment_offsets_[rank]; }  // in the gathered buffer
   int64_t codes_offset(int rank, size_t tensor) const { return codes_offsets_[rank][tensor]; }   // in a segment
   int64_t absmax_offset(int rank, size_t tensor) const { return absmax_offsets_[rank][tensor]; }
+  int64_t nested_offset(int rank, size_t tensor) const { return nested_offsets_[rank][tensor]; }
   int64_t gathered_bytes() const { return gathered_bytes_; }
 
  private:
   std::vector<QuantizedTensorSpec> tensors_;
-  int64_t blocksize_;
   int world_;
   std::vector<std::vector<shard::ShardRange>> ranges_;
   std::vector<std::vector<int64_t>> codes_offsets_;
   std::vector<std::vector<int64_t>> absmax_offsets_;
+  std::vector<std::vector<int64_t>> nested_offsets_;
   std::vector<int64_t> segment_bytes_;
   std::vector<int64_t> segment_offsets_;
   int64_t gathered_bytes_ = 0;
 };
 
-// One rank's run of whole quantization blocks of a tensor, inside a gathered buffer.
+// One rank's run of whole quantization blocks of a tensor (whole second-level blocks under double
+// quantization), inside a gathered buffer.
 struct QuantizedPiece {
-  const uint8_t* codes;
-  const float* absmax;
+  const uint8_t* codes;            // packed 4-bit, or int8 for 8-bit tensors
+  const float* absmax;             // fp32 absmax, or nullptr under double quantization
+  const uint8_t* absmax_codes;     // double quantization: one code per block, else nullptr
+  const float* nested_absmax;      // double quantization: one per 256 blocks, else nullptr
   int64_t element_begin;
   int64_t elements;
+  int64_t blocks;
 };
 
 // A gathered block: every tensor readable as its per-rank pieces. Valid until the gatherer reuses
@@ -61,6 +67,7 @@ struct QuantizedPiece {
 class GatheredBlock {
  public:
   GatheredBlock(const FlatShardLayout* layout, const uint8_t* base) : layout_(layout), base_(base) {}
+  const FlatShardLayout& layout() const { return *layout_; }
   std::vector<QuantizedPiece> pieces(size_t tensor) const;
 
  private:

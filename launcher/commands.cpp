@@ -86,6 +86,14 @@ void print_help(const std::string& synopsis, const po::options_description& opti
   std::cout << synopsis << "\n\n" << options << std::flush;
 }
 
+// How a store's block linears are quantized, in words.
+std::string quantization_text(const shard::StoreHeader& header) {
+  if (header.quant_method == "none") return "none";
+  if (header.quant_method == "bnb-8bit") return "int8 (LLM.int8, one fp32 scale per row)";
+  return header.quant_type + " (blocksize " + std::to_string(header.blocksize) + ", double quantization " +
+         (header.double_quant ? "on" : "off") + ")";
+}
+
 }  // namespace
 
 std::string usage() {
@@ -111,8 +119,14 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
       ("from", po::value<std::string>(), "Hugging Face model folder (config.json + *.safetensors) or a llama GGUF file (*.gguf)")
       ("synthetic", po::value<std::string>(), "write a random model instead: micro | tiny | small | smollm2-135m | CONFIG.json")
       ("out", po::value<std::string>(), "output model store (model.h5)")
-      ("quant-type", po::value<std::string>()->default_value("nf4"), "nf4 | fp4 | none (keep the source dtype)")
+      ("quant-type", po::value<std::string>()->default_value("nf4"),
+       "nf4 | fp4 | int8 (LLM.int8 rows) | none (keep the source dtype)")
+      ("quant", po::value<std::string>(), "alias of --quant-type")
       ("blocksize", po::value<int64_t>()->default_value(64), "quantization block size (power of two, 32..4096)")
+      ("double-quant", po::bool_switch(), "quantize the 4-bit absmax again (bitsandbytes' compress_statistics): 0.516 "
+                                          "instead of 0.5625 bytes per parameter at blocksize 64")
+      ("keep-unquantized", po::value<std::string>()->default_value(""),
+       "comma list of module-name suffixes left in the source dtype, e.g. lm_head,down_proj")
       ("seed", po::value<uint64_t>()->default_value(1234), "random seed of synthetic models");
   const auto values = parse(arguments, options, "convert");
   if (values.count("help")) {
@@ -123,11 +137,19 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
   if (values.count("from") == values.count("synthetic"))
     throw UserError("give exactly one of --from and --synthetic", "see `qlora convert --help`");
   shard::ConvertOptions convert_options;
-  const std::string quant_type = values["quant-type"].as<std::string>();
-  if (quant_type != "nf4" && quant_type != "fp4" && quant_type != "none")
-    throw UserError("--quant-type must be nf4, fp4 or none");
+  if (values.count("quant") && !values["quant-type"].defaulted())
+    throw UserError("give only one of --quant and --quant-type");
+  const std::string quant_type =
+      values.count("quant") ? values["quant"].as<std::string>() : values["quant-type"].as<std::string>();
+  if (quant_type != "nf4" && quant_type != "fp4" && quant_type != "int8" && quant_type != "none")
+    throw UserError("--quant-type must be nf4, fp4, int8 or none");
   convert_options.quantize = quant_type != "none";
+  convert_options.int8 = quant_type == "int8";
   convert_options.quant_type = quant_type == "fp4" ? kernels::QuantType::fp4 : kernels::QuantType::nf4;
+  convert_options.double_quant = values["double-quant"].as<bool>();
+  if (convert_options.double_quant && (quant_type == "int8" || quant_type == "none"))
+    throw UserError("--double-quant applies to nf4 and fp4 only", "drop it, or use --quant-type nf4");
+  convert_options.keep_unquantized = values["keep-unquantized"].as<std::string>();
   convert_options.blocksize = values["blocksize"].as<int64_t>();
   convert_options.seed = values["seed"].as<uint64_t>();
   const std::string out = values["out"].as<std::string>();
@@ -150,13 +172,13 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
                                             : shard::convert_synthetic(values["synthetic"].as<std::string>(), out,
                                                                        convert_options, progress);
     if (terminal) std::printf("\r%90s\r", "");
-    char line[300];
+    const std::string quantization = quantization_text(shard::ModelStore::open(out)->header());
+    char line[400];
     std::snprintf(line, sizeof line,
-                  "converted %lld tensors, %lld parameters (%lld quantized to %s, blocksize %lld) -> %s: %s of "
+                  "converted %lld tensors, %lld parameters (%lld quantized to %s) -> %s: %s of "
                   "tensor data, %.3f bits/parameter, %.2f s",
                   static_cast<long long>(summary.tensors), static_cast<long long>(summary.parameters),
-                  static_cast<long long>(summary.quantized_parameters), quant_type.c_str(),
-                  static_cast<long long>(convert_options.blocksize), out.c_str(),
+                  static_cast<long long>(summary.quantized_parameters), quantization.c_str(), out.c_str(),
                   cluster::log::format_bytes(static_cast<double>(summary.store_bytes)).c_str(),
                   8.0 * static_cast<double>(summary.store_bytes) / static_cast<double>(summary.parameters),
                   summary.seconds);
@@ -192,8 +214,9 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
       << ", heads " << header.config.num_attention_heads << "/" << header.config.num_key_value_heads << ", vocab "
       << header.config.vocab_size << (header.config.tie_word_embeddings ? ", tied" : "") << ")\n"
       << "  parameters       " << header.config.parameter_count() << "\n"
-      << "  quantization     " << header.quant_method << " " << header.quant_type << ", blocksize " << header.blocksize
-      << ", double quantization " << (header.double_quant ? "on" : "off") << ", compute " << header.compute_dtype << "\n"
+      << "  quantization     " << header.quant_method << " " << quantization_text(header) << ", compute " << header.compute_dtype << "\n"
+      << "  unquantized      " << (header.unquantized_modules.empty() ? "-" : header.unquantized_modules)
+      << " (besides embeddings, norms and LM head)\n"
       << "  tokenizer        " << header.tokenizer << "\n"
       << "  source           " << header.source << " (checksum " << header.source_checksum << ")\n"
       << "  tensor data      " << cluster::log::format_bytes(static_cast<double>(store->data_bytes())) << "\n\n";
@@ -203,9 +226,8 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
   for (const auto& tensor : store->tensors()) {
     std::string shape;
     for (size_t i = 0; i < tensor.shape.size(); ++i) shape += (i ? "x" : "") + std::to_string(tensor.shape[i]);
-    const int64_t bytes = tensor.quantized ? kernels::packed_byte_count(tensor.numel) +
-                                                 4 * kernels::quant_block_count(tensor.numel, header.blocksize)
-                                           : tensor.numel * kernels::dtype_size(tensor.dtype);
+    const int64_t bytes =
+        tensor.quantized ? tensor.geometry.stored_bytes() : tensor.numel * kernels::dtype_size(tensor.dtype);
     std::snprintf(row, sizeof row, "  %-48s %-16s %-9s %-6s %12lld\n", tensor.name.c_str(), shape.c_str(),
                   kernels::dtype_name(tensor.dtype).c_str(), tensor.quantized ? header.quant_type.c_str() : "-",
                   static_cast<long long>(bytes));
@@ -213,8 +235,8 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
   }
   const int world = values["world"].as<int>();
   if (world > 0) {
-    out << "\nshard plan for " << world << " ranks (bytes of packed codes + absmax each rank holds; replicated tensors "
-        << "are held whole by every rank):\n";
+    out << "\nshard plan for " << world << " ranks (bytes of codes + absmax (+ nested absmax) each rank holds; "
+        << "replicated tensors are held whole by every rank):\n";
     check_world_fits(*store, world);
     std::vector<int64_t> totals(world, 0);
     for (const auto& tensor : store->tensors()) {
@@ -222,8 +244,7 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
       std::snprintf(row, sizeof row, "  %-48s", tensor.name.c_str());
       out << row;
       for (int rank = 0; rank < world; ++rank) {
-        const auto range = shard::shard_range(tensor.numel, header.blocksize, rank, world);
-        const int64_t bytes = range.bytes() + 4 * range.blocks();
+        const int64_t bytes = shard::shard_bytes(tensor.geometry, shard::shard_range(tensor.geometry, rank, world));
         totals[rank] += bytes;
         std::snprintf(row, sizeof row, " %10lld", static_cast<long long>(bytes));
         out << row;
@@ -249,7 +270,7 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
   model_options.add_options()
       ("model", po::value<std::string>(), "model.h5, a Hugging Face config.json, or a preset (llama-2-7b, llama-2-70b, "
        "llama-3-8b, llama-3-70b, llama-3.1-405b, mistral-7b)")
-      ("quant", po::value<std::string>(), "nf4 | fp4 | none (default: the store's, else nf4)")
+      ("quant", po::value<std::string>(), "nf4 | fp4 | int8 | none (default: the store's, else nf4)")
       ("blocksize", po::value<int64_t>(), "quantization blocksize (default: the store's, else 64)")
       ("double-quant", po::value<bool>(), "double quantization of absmax, 1|0 (default: the store's, else 0)");
   po::options_description job_options("Job");
@@ -305,7 +326,7 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
     auto store = shard::ModelStore::open(model);
     const auto& header = store->header();
     config = header.config;
-    job.quant = header.quant_method == "none" ? "none" : header.quant_type;
+    job.quant = header.quant_method == "none" ? "none" : header.quant_method == "bnb-8bit" ? "int8" : header.quant_type;
     job.blocksize = header.blocksize;
     job.double_quant = header.double_quant;
     job.source_dtype = kernels::dtype_name(store->tensor("model.embed_tokens.weight").dtype);
@@ -337,12 +358,6 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
   job.offload_weights = values["offload-weights"].as<bool>();
   if (job.lora.r < 1) throw UserError("--lora-r must be at least 1");
   if (job.accumulation_steps < 1) throw UserError("--accumulation-steps must be at least 1");
-  if (job.world > 1 && job.quant != "none") {
-    const auto shape = config.expected_shape(shard::layer_prefix(0) + "self_attn.k_proj.weight");
-    if (shard::max_world_for(shape[0] * shape[1], job.blocksize) < job.world)
-      throw UserError("--world " + std::to_string(job.world) + " is more ranks than the smallest projection has "
-                      "quantization blocks", "use fewer ranks or a smaller --blocksize");
-  }
   if (values.count("fit") && job.device_memory <= 0)
     throw UserError("--fit needs --device-memory", "e.g. --device-memory 80GiB");
 

@@ -12,6 +12,7 @@
 #include "cluster/log.h"
 #include "launcher/errors.h"
 #include "model/chunked_loss.h"
+#include "shard/shard_plan.h"
 
 namespace qlora::launcher {
 namespace {
@@ -184,8 +185,8 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
   if (job.world < 1) throw UserError("--world must be at least 1");
   if (job.micro_batch < 1 || job.sequence_length < 1)
     throw UserError("--micro-batch and --seq-len must be positive");
-  if (job.quant != "nf4" && job.quant != "fp4" && job.quant != "none")
-    throw UserError("--quant '" + job.quant + "' is not planned", "use nf4, fp4 or none");
+  if (job.quant != "nf4" && job.quant != "fp4" && job.quant != "int8" && job.quant != "none")
+    throw UserError("--quant '" + job.quant + "' is not planned", "use nf4, fp4, int8 or none");
   if (job.optimizer != "adamw" && job.optimizer != "sgd")
     throw UserError("--optimizer '" + job.optimizer + "' is not known", "use adamw or sgd");
   if (job.compute_dtype != "fp32" && job.compute_dtype != "bf16")
@@ -201,25 +202,25 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
   const int64_t source_element = dtype_bytes(job.source_dtype);
   const int64_t layers = config.num_hidden_layers;
 
-  // One block's layout is every block's: the same seven shapes.
+  // One block's layout is every block's: the same seven shapes, cut exactly as the runtime cuts them.
   std::vector<cluster::QuantizedTensorSpec> specs;
   int64_t block_linear_elements = 0;
   for (const auto& linear : shard::block_linear_names()) {
     const auto shape = config.expected_shape(shard::layer_prefix(0) + linear + ".weight");
-    specs.push_back({linear, shape[0] * shape[1]});
-    block_linear_elements += shape[0] * shape[1];
+    shard::QuantGeometry geometry;
+    geometry.numel = shape[0] * shape[1];
+    geometry.code_bits = job.quant == "int8" ? 8 : 4;
+    geometry.blocksize = job.quant == "int8" ? shape[1] : job.blocksize;  // int8: one absmax per row
+    geometry.double_quant = job.double_quant && job.quant != "int8";
+    if (quantized && shard::max_world_for(geometry) < job.world)
+      throw UserError("--world " + std::to_string(job.world) + " is more ranks than " + linear + " has cut units (" +
+                          std::to_string(shard::max_world_for(geometry)) + ")",
+                      "use fewer ranks, a smaller --blocksize, or no --double-quant");
+    specs.push_back({linear, geometry, 0.0f});
+    block_linear_elements += geometry.numel;
   }
-  const cluster::FlatShardLayout layout(specs, job.blocksize, job.world);
-  // Double quantization stores absmax as one byte plus an fp32 scale per 256 blocks (and one offset).
-  auto segment_bytes = [&](int rank) {
-    int64_t bytes = layout.segment_bytes(rank);
-    if (job.double_quant) {
-      int64_t blocks = 0;
-      for (size_t t = 0; t < specs.size(); ++t) blocks += layout.range(rank, t).blocks();
-      bytes -= blocks * 3 - (blocks + 255) / 256 * 4 - 4;
-    }
-    return bytes;
-  };
+  const cluster::FlatShardLayout layout(specs, job.world);
+  auto segment_bytes = [&](int rank) { return layout.segment_bytes(rank); };
   int64_t gathered = 0;
   for (int rank = 0; rank < job.world; ++rank) gathered += segment_bytes(rank);
   plan.quantized_store_bytes = quantized ? gathered * layers : 0;

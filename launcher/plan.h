@@ -24,7 +24,7 @@ struct PlanJob {
   int64_t sequence_length = 2048;
   int64_t accumulation_steps = 1;   // micro-batches per optimizer step
   model::LoraConfig lora;
-  std::string quant = "nf4";        // nf4 | fp4 | none (16-bit linears, replicated)
+  std::string quant = "nf4";        // nf4 | fp4 | int8 (LLM.int8 rows) | none (16-bit linears, replicated)
   int64_t blocksize = 64;
   bool double_quant = false;
   std::string source_dtype = "bfloat16";  // dtype of the unquantized tensors in the store

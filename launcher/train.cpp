@@ -135,11 +135,13 @@ std::atomic<int> g_stop_signal{0};
 void check_world_fits(const shard::ModelStore& store, int world) {
   for (const auto& tensor : store.tensors()) {
     if (!tensor.quantized) continue;
-    const int64_t limit = shard::max_world_for(tensor.numel, store.header().blocksize);
+    const int64_t limit = shard::max_world_for(tensor.geometry);
     if (world > limit)
       throw UserError("world size " + std::to_string(world) + " is larger than the " + std::to_string(limit) +
-                          " quantization blocks of tensor '" + tensor.name + "' in " + store.path(),
-                      "run with at most " + std::to_string(limit) + " ranks, or convert with a smaller --blocksize");
+                          (tensor.geometry.double_quant ? " second-level (256-block) units" : " quantization blocks") +
+                          " of tensor '" + tensor.name + "' in " + store.path(),
+                      "run with at most " + std::to_string(limit) + " ranks, or convert with a smaller --blocksize" +
+                          (tensor.geometry.double_quant ? " or without --double-quant" : ""));
   }
 }
 

@@ -6,6 +6,8 @@
 #include <cmath>
 
 #include "cluster/memory.h"
+#include "kernels/double_quant.h"
+#include "kernels/int8.h"
 #include "kernels/nf4.h"
 #include "model/chunked_loss.h"
 
@@ -141,11 +143,27 @@ struct FrozenQuantizedLinear : public torch::autograd::Function<FrozenQuantizedL
 }  // namespace
 
 torch::Tensor dequantize_gathered(const cluster::GatheredBlock& block, size_t tensor_index, kernels::QuantType type,
-                                  int64_t blocksize, at::IntArrayRef shape) {
+                                  at::IntArrayRef shape) {
   auto weight = torch::empty(shape, torch::kFloat);
   float* output = weight.data_ptr<float>();
-  for (const auto& piece : block.pieces(tensor_index))
-    kernels::dequantize_4bit(type, piece.codes, piece.absmax, piece.elements, blocksize, output + piece.element_begin);
+  const cluster::QuantizedTensorSpec& spec = block.layout().tensors()[tensor_index];
+  const int64_t blocksize = spec.geometry.blocksize;
+  std::vector<float> decoded_absmax;
+  for (const auto& piece : block.pieces(tensor_index)) {
+    float* destination = output + piece.element_begin;
+    if (spec.geometry.code_bits == 8) {
+      kernels::dequantize_int8_rows(reinterpret_cast<const int8_t*>(piece.codes), piece.absmax, piece.blocks, blocksize,
+                                    destination);
+    } else if (piece.absmax_codes != nullptr) {
+      // A piece starts on a second-level block, so its nested absmax index from zero.
+      decoded_absmax.resize(static_cast<size_t>(piece.blocks));
+      kernels::dequantize_absmax(piece.absmax_codes, piece.nested_absmax, spec.nested_offset, piece.blocks,
+                                 decoded_absmax.data());
+      kernels::dequantize_4bit(type, piece.codes, decoded_absmax.data(), piece.elements, blocksize, destination);
+    } else {
+      kernels::dequantize_4bit(type, piece.codes, piece.absmax, piece.elements, blocksize, destination);
+    }
+  }
   return weight;
 }
 
@@ -184,10 +202,12 @@ torch::Tensor rotary_inverse_frequencies(const shard::ModelConfig& config) {
 // ---- decoder block -------------------------------------------------------------------------------
 
 DecoderBlockImpl::DecoderBlockImpl(const shard::ModelConfig& config, int64_t layer_index,
-                                   kernels::QuantType quant_type, int64_t blocksize)
-    : layer(layer_index), config_(config), quant_type_(quant_type), blocksize_(blocksize) {
+                                   kernels::QuantType quant_type)
+    : layer(layer_index), config_(config), quant_type_(quant_type) {
   for (const auto& linear : shard::block_linear_names())
     linear_shapes_.push_back(config_.expected_shape(shard::layer_prefix(layer) + linear + ".weight"));
+  dense_weights.resize(linear_shapes_.size());
+  gathered_index_.assign(linear_shapes_.size(), -1);
 }
 
 void DecoderBlockImpl::add_lora(const LoraConfig& config, at::Generator& init_generator) {
@@ -206,9 +226,10 @@ void DecoderBlockImpl::add_lora(const LoraConfig& config, at::Generator& init_ge
 }
 
 torch::Tensor DecoderBlockImpl::dequantize_weight(size_t tensor_index) {
-  if (!dense_weights.empty()) return dense_weights[tensor_index].to(torch::kFloat);
+  if (gathered_index_[tensor_index] < 0) return dense_weights[tensor_index].to(torch::kFloat);
   const cluster::GatheredBlock weights = gatherer_->acquire(static_cast<size_t>(layer));
-  auto weight = dequantize_gathered(weights, tensor_index, quant_type_, blocksize_, linear_shapes_[tensor_index]);
+  auto weight = dequantize_gathered(weights, static_cast<size_t>(gathered_index_[tensor_index]), quant_type_,
+                                    linear_shapes_[tensor_index]);
   gatherer_->poll();
   return weight;
 }
@@ -264,6 +285,8 @@ LlamaModelImpl::LlamaModelImpl(const shard::ModelStore& store, cluster::Communic
   const auto quant_type = header_.quant_type == "fp4" ? kernels::QuantType::fp4 : kernels::QuantType::nf4;
   int64_t quantized_bytes = 0;
   const int64_t memory_at_start = cluster::MemoryCounter::current_bytes();
+  quantized_blocks_ = false;
+  for (const auto& stored : store.tensors()) quantized_blocks_ = quantized_blocks_ || stored.quantized;
 
   embed_tokens = register_parameter("embed_tokens", read_dense_tensor(store, "model.embed_tokens.weight"), false);
   final_norm = register_parameter("norm", read_dense_tensor(store, "model.norm.weight"), false);
@@ -276,7 +299,7 @@ LlamaModelImpl::LlamaModelImpl(const shard::ModelStore& store, cluster::Communic
   std::vector<torch::Tensor> segments;
   for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
     const std::string prefix = shard::layer_prefix(layer);
-    auto block = DecoderBlock(config_, layer, quant_type, header_.blocksize);
+    auto block = DecoderBlock(config_, layer, quant_type);
     block->input_layernorm =
         block->register_parameter("input_layernorm", read_dense_tensor(store, prefix + "input_layernorm.weight"), false);
     block->post_attention_layernorm = block->register_parameter(
@@ -288,30 +311,32 @@ LlamaModelImpl::LlamaModelImpl(const shard::ModelStore& store, cluster::Communic
             false);
       }
     }
-    quantized_blocks_ = store.tensor(prefix + shard::block_linear_names()[0] + ".weight").quantized;
-    if (!quantized_blocks_) {
-      for (const auto& linear : shard::block_linear_names()) {
-        std::string parameter_name = linear.substr(linear.find('.') + 1) + "_weight";
-        block->dense_weights.push_back(
-            block->register_parameter(parameter_name, read_dense_tensor(store, prefix + linear + ".weight"), false));
+    std::vector<cluster::QuantizedTensorSpec> specs;
+    const auto& linears = shard::block_linear_names();
+    for (size_t t = 0; t < linears.size(); ++t) {
+      const std::string name = prefix + linears[t] + ".weight";
+      const shard::StoredTensor& stored = store.tensor(name);
+      if (stored.quantized) {
+        block->set_quantized(t, static_cast<int>(specs.size()));
+        specs.push_back({name, stored.geometry, stored.nested_offset});
+      } else {
+        block->dense_weights[t] = block->register_parameter(linears[t].substr(linears[t].find('.') + 1) + "_weight",
+                                                            read_dense_tensor(store, name), false);
       }
+    }
+    if (!quantized_blocks_) {
       blocks_.push_back(register_module("layers_" + std::to_string(layer), block));
       continue;
     }
-    std::vector<cluster::QuantizedTensorSpec> specs;
-    for (const auto& linear : shard::block_linear_names()) {
-      const std::string name = prefix + linear + ".weight";
-      specs.push_back({name, store.tensor(name).numel});
-    }
-    cluster::FlatShardLayout layout(specs, header_.blocksize, world);
+    cluster::FlatShardLayout layout(specs, world);
     const int64_t before_segment = cluster::MemoryCounter::current_bytes();
     auto segment = torch::zeros({layout.segment_bytes(rank)}, torch::kUInt8);
     quantized_bytes += cluster::MemoryCounter::current_bytes() - before_segment;
     uint8_t* base = segment.data_ptr<uint8_t>();
     for (size_t t = 0; t < specs.size(); ++t) {
-      const shard::ShardRange& range = layout.range(rank, t);
-      store.read_codes(specs[t].name, range, base + layout.codes_offset(rank, t));
-      store.read_absmax(specs[t].name, range, reinterpret_cast<float*>(base + layout.absmax_offset(rank, t)));
+      store.read_quantized(specs[t].name, layout.range(rank, t), base + layout.codes_offset(rank, t),
+                           base + layout.absmax_offset(rank, t),
+                           reinterpret_cast<float*>(base + layout.nested_offset(rank, t)));
     }
     block->register_buffer("quantized_shard", segment);
     layouts.push_back(std::move(layout));
@@ -322,7 +347,8 @@ LlamaModelImpl::LlamaModelImpl(const shard::ModelStore& store, cluster::Communic
   gatherer_ = std::make_unique<cluster::BlockGatherer>(communicator_, std::move(layouts), std::move(segments),
                                                        gather_slots);
   load_memory_.gather_pool = cluster::MemoryCounter::current_bytes() - before_pool;
-  for (auto& block : blocks_) block->attach_gatherer(gatherer_.get());
+  if (quantized_blocks_)
+    for (auto& block : blocks_) block->attach_gatherer(gatherer_.get());
   load_memory_.quantized = quantized_bytes;
   load_memory_.replicated = before_pool - memory_at_start - quantized_bytes;
 }
@@ -335,7 +361,8 @@ std::vector<std::pair<std::string, torch::Tensor>> LlamaModelImpl::named_model_p
     named.emplace_back(prefix + "post_attention_layernorm.weight", block->post_attention_layernorm);
     for (const auto& [projection, bias] : block->biases) named.emplace_back(prefix + "self_attn." + projection + ".bias", bias);
     for (size_t t = 0; t < block->dense_weights.size(); ++t)
-      named.emplace_back(prefix + shard::block_linear_names()[t] + ".weight", block->dense_weights[t]);
+      if (block->dense_weights[t].defined())
+        named.emplace_back(prefix + shard::block_linear_names()[t] + ".weight", block->dense_weights[t]);
   }
   named.emplace_back("model.norm.weight", final_norm);
   if (!config_.tie_word_embeddings) named.emplace_back("lm_head.weight", lm_head);

@@ -29,24 +29,28 @@ class LlamaModelImpl;
 
 class DecoderBlockImpl : public torch::nn::Module {
  public:
-  DecoderBlockImpl(const shard::ModelConfig& config, int64_t layer, kernels::QuantType quant_type, int64_t blocksize);
+  DecoderBlockImpl(const shard::ModelConfig& config, int64_t layer, kernels::QuantType quant_type);
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& cos, const torch::Tensor& sin,
                         at::Generator* dropout_generator);
   void add_lora(const LoraConfig& config, at::Generator& init_generator);
   void attach_gatherer(cluster::BlockGatherer* gatherer) { gatherer_ = gatherer; }
   // A new fp32 tensor holding projection `tensor_index` (block_linear_names order), dequantized from
-  // this block's gathered 4-bit bytes (gathering them if they are not in the pool).
+  // this block's gathered bytes (gathering them if they are not in the pool), or a copy of it when
+  // the store keeps it unquantized.
   torch::Tensor dequantize_weight(size_t tensor_index);
   // Backward walks the blocks in reverse: start gathering the one before this while it computes.
   void prefetch_previous_block() {
-    if (layer > 0 && dense_weights.empty()) gatherer_->prefetch(static_cast<size_t>(layer - 1));
+    if (layer > 0 && gatherer_ != nullptr) gatherer_->prefetch(static_cast<size_t>(layer - 1));
   }
+  // Projection `tensor_index` is quantized and is tensor `gathered_index` of this block's layout.
+  void set_quantized(size_t tensor_index, int gathered_index) { gathered_index_[tensor_index] = gathered_index; }
 
   int64_t layer;
   torch::Tensor input_layernorm;
   torch::Tensor post_attention_layernorm;
   std::map<std::string, torch::Tensor> biases;     // "q_proj" -> bias, when the config has them
-  // Unquantized stores (quant_method none): the seven projections, replicated, block_linear_names order.
+  // The projections kept unquantized (all of them in a quant_method none store), replicated, in
+  // block_linear_names order; undefined where the projection is quantized.
   std::vector<torch::Tensor> dense_weights;
   std::map<std::string, LoraAdapter> adapters;     // "q_proj" -> adapter
 
@@ -57,7 +61,7 @@ class DecoderBlockImpl : public torch::nn::Module {
   std::vector<std::vector<int64_t>> linear_shapes_;  // [out, in] per projection, block_linear_names order
   cluster::BlockGatherer* gatherer_ = nullptr;
   kernels::QuantType quant_type_;
-  int64_t blocksize_;
+  std::vector<int> gathered_index_;   // per projection: index in the gathered layout, -1 when dense
 };
 TORCH_MODULE(DecoderBlock);
 
@@ -111,7 +115,7 @@ class LlamaModelImpl : public torch::nn::Module {
   // Allocator deltas measured while loading (zero unless the counting allocator is installed).
   struct LoadMemory {
     int64_t replicated = 0;   // embeddings, norms, LM head, biases as stored
-    int64_t quantized = 0;    // this rank's 4-bit segments
+    int64_t quantized = 0;    // this rank's quantized segments
     int64_t gather_pool = 0;  // gathered-block slots
   };
   const LoadMemory& load_memory() const { return load_memory_; }
@@ -140,9 +144,10 @@ class LlamaModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LlamaModel);
 
-// Dequantizes one tensor of a gathered block into a new fp32 tensor of `shape`.
+// Dequantizes one tensor of a gathered block into a new fp32 tensor of `shape`: 4-bit codes times
+// absmax (decoded first from its nested form under double quantization), or int8 rows times SCB/127.
 torch::Tensor dequantize_gathered(const cluster::GatheredBlock& block, size_t tensor_index, kernels::QuantType type,
-                                  int64_t blocksize, at::IntArrayRef shape);
+                                  at::IntArrayRef shape);
 
 // HF-style RMSNorm: fp32 statistics, then weight * normed cast to the weight's dtype.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);

@@ -86,11 +86,12 @@ PrepareReport prepare_model_for_kbit_training(model::LlamaModelImpl& model, cons
 
 void check_trainable(model::LlamaModelImpl& model, QuantizationMethod method) {
   // PEFT itself trains on top of gptq/eetq/hqq/torchao kernels; this runtime carries only the
-  // bitsandbytes 4-bit codecs, so anything else is refused rather than silently mis-decoded.
-  if (method != QuantizationMethod::bnb_4bit && method != QuantizationMethod::none)
+  // bitsandbytes codecs (4-bit and LLM.int8), so anything else is refused rather than silently mis-decoded.
+  if (method != QuantizationMethod::bnb_4bit && method != QuantizationMethod::bnb_8bit &&
+      method != QuantizationMethod::none)
     throw PrepareError("the model store is quantized with " + method_name(method) +
-                       ", which this runtime cannot train (it has bnb-4bit kernels only); convert the 16-bit "
-                       "original with `qlora convert --from`");
+                       ", which this runtime cannot train (it has bitsandbytes 4-bit and 8-bit kernels only); "
+                       "convert the 16-bit original with `qlora convert --from`");
   if (is_quantized(method) && !model.has_adapters())
     throw PrepareError("refusing to train a " + method_name(method) +
                        " quantized model without adapters: its base weights cannot be updated; "

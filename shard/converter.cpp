@@ -12,8 +12,11 @@
 #include <sstream>
 #include <vector>
 
+#include "kernels/double_quant.h"
 #include "kernels/dtype.h"
+#include "kernels/int8.h"
 #include "kernels/nf4.h"
+#include "shard/bnb_checkpoint.h"
 #include "shard/gguf.h"
 #include "shard/safetensors.h"
 #include "shard/tokenizer.h"
@@ -37,19 +40,27 @@ StoreHeader header_for(const ModelConfig& config, const ConvertOptions& options,
                        const std::string& tokenizer) {
   StoreHeader header;
   header.config = config;
-  header.quant_method = options.quantize ? "bnb-4bit" : "none";
-  header.quant_type = !options.quantize ? "none" : options.quant_type == kernels::QuantType::nf4 ? "nf4" : "fp4";
-  header.blocksize = options.blocksize;
-  header.double_quant = false;
+  header.quant_method = !options.quantize ? "none" : options.int8 ? "bnb-8bit" : "bnb-4bit";
+  header.quant_type = !options.quantize ? "none" : options.int8 ? "int8" : options.quant_type == kernels::QuantType::nf4 ? "nf4" : "fp4";
+  header.blocksize = options.quantize && options.int8 ? 0 : options.blocksize;
+  header.double_quant = options.quantize && !options.int8 && options.double_quant;
+  header.unquantized_modules = options.quantize ? options.keep_unquantized : "";
   header.compute_dtype = "float32";
   header.tokenizer = tokenizer;
   header.source = source;
   return header;
 }
 
-void validate_blocksize(int64_t blocksize) {
+bool quantizes(const std::string& name, const ConvertOptions& options) {
+  return options.quantize && ModelConfig::is_block_linear(name) && !module_listed(name, options.keep_unquantized);
+}
+
+void validate_options(const ConvertOptions& options) {
+  const int64_t blocksize = options.blocksize;
   if (blocksize < 32 || blocksize > 4096 || (blocksize & (blocksize - 1)) != 0)
     throw FormatError("blocksize " + std::to_string(blocksize) + " is not a power of two in [32, 4096]");
+  if (options.int8 && options.double_quant)
+    throw FormatError("double quantization applies to 4-bit absmax only; int8 has one fp32 scale per row");
 }
 
 // Quantizes one fp32 tensor and appends it to the store; refuses non-finite weights by name.
@@ -62,12 +73,33 @@ void write_quantized(ModelStoreWriter& writer, const std::string& name, const st
       throw FormatError(source + ": tensor '" + name + "' contains " + (std::isnan(values[i]) ? "NaN" : "Inf") +
                         " at element " + std::to_string(i) + "; refusing to quantize it");
   }
+  summary.quantized_parameters += numel;
+  if (options.int8) {
+    const int64_t rows = shape.front();
+    std::vector<int8_t> codes(numel);
+    std::vector<float> row_absmax(rows);
+    kernels::quantize_int8_rows(kernels::DType::f32, values.data(), rows, numel / rows, codes.data(), row_absmax.data());
+    writer.add_int8(name, shape, source_dtype, codes.data(), row_absmax.data());
+    summary.store_bytes += codes.size() + row_absmax.size() * sizeof(float);
+    return;
+  }
   std::vector<uint8_t> codes(kernels::packed_byte_count(numel));
   std::vector<float> absmax(kernels::quant_block_count(numel, options.blocksize));
-  kernels::quantize_4bit(options.quant_type, values.data(), numel, options.blocksize, codes.data(), absmax.data());
-  writer.add_quantized(name, shape, source_dtype, codes.data(), absmax.data());
-  summary.quantized_parameters += numel;
-  summary.store_bytes += codes.size() + absmax.size() * sizeof(float);
+  kernels::quantize_4bit(options.quant_type, values.data(), numel, options.blocksize, codes.data(), absmax.data(),
+                         options.backend);
+  summary.store_bytes += codes.size();
+  if (!options.double_quant) {
+    writer.add_quantized(name, shape, source_dtype, codes.data(), absmax.data());
+    summary.store_bytes += absmax.size() * sizeof(float);
+    return;
+  }
+  const int64_t blocks = static_cast<int64_t>(absmax.size());
+  const float offset = kernels::absmax_offset(absmax.data(), blocks);
+  std::vector<uint8_t> absmax_codes(blocks);
+  std::vector<float> nested_absmax(kernels::nested_block_count(blocks));
+  kernels::quantize_absmax(absmax.data(), blocks, offset, absmax_codes.data(), nested_absmax.data(), options.backend);
+  writer.add_double_quantized(name, shape, source_dtype, codes.data(), absmax_codes.data(), nested_absmax.data(), offset);
+  summary.store_bytes += absmax_codes.size() + nested_absmax.size() * sizeof(float);
 }
 
 void count_tensor(ConvertSummary& summary, int64_t numel, uint64_t source_bytes, int64_t tensor_total,
@@ -135,7 +167,7 @@ ModelConfig synthetic_config(const std::string& preset) {
 
 ConvertSummary convert_synthetic(const std::string& preset, const std::string& out_path,
                                  const ConvertOptions& options, const ConvertProgress& progress) {
-  validate_blocksize(options.blocksize);
+  validate_options(options);
   const auto start = std::chrono::steady_clock::now();
   const ModelConfig config = synthetic_config(preset);
   ModelStoreWriter writer(out_path, header_for(config, options, "synthetic:" + preset, "bytes"));
@@ -153,7 +185,7 @@ ConvertSummary convert_synthetic(const std::string& preset, const std::string& o
     std::normal_distribution<float> normal(0.0f, static_cast<float>(std_dev));
     std::vector<float> values(numel);
     for (auto& value : values) value = is_norm ? 1.0f : normal(generator);
-    if (ModelConfig::is_block_linear(name) && options.quantize) {
+    if (quantizes(name, options)) {
       // The synthetic checkpoint "is" bf16, as real ones are: round first, then quantize.
       for (auto& value : values) value = kernels::bf16_to_float(kernels::float_to_bf16(value));
       checksum.update(values.data(), values.size() * sizeof(float));
@@ -170,9 +202,118 @@ ConvertSummary convert_synthetic(const std::string& preset, const std::string& o
   return finish_conversion(writer, checksum, start, summary);
 }
 
+namespace {
+
+// A 16/32-bit float tensor of the checkpoint whose shape is the one config.json implies.
+const SafetensorsEntry& checked_float_entry(const SafetensorsCheckpoint& checkpoint, const std::string& name,
+                                            const ModelConfig& config) {
+  const SafetensorsEntry& entry = checkpoint.entry(name);
+  const std::string where = checkpoint.file_of(name).path() + ": tensor '" + name + "'";
+  const auto expected = config.expected_shape(name);
+  if (entry.shape != expected)
+    throw FormatError(where + " has shape " + shape_text(entry.shape) + " but config.json implies " +
+                      shape_text(expected));
+  if (!entry.dtype_known || (entry.dtype != kernels::DType::f32 && entry.dtype != kernels::DType::f16 &&
+                             entry.dtype != kernels::DType::bf16))
+    throw FormatError(where + " has dtype " + entry.dtype_code + "; expected F32, F16 or BF16");
+  return entry;
+}
+
+// A pre-quantized bitsandbytes checkpoint: quantized block linears are copied byte for byte (codes,
+// absmax or its nested form, int8 rows and SCB); everything else as in a plain import. The store
+// takes the checkpoint's own blocksize, type and nesting, which every quantized weight must share.
+ConvertSummary import_bnb_checkpoint(const std::string& directory, const SafetensorsCheckpoint& checkpoint,
+                                     const ModelConfig& config, const Json& quantization_config,
+                                     const std::string& out_path, const ConvertProgress& progress,
+                                     std::chrono::steady_clock::time_point start) {
+  const std::string config_path = (std::filesystem::path(directory) / "config.json").string();
+  const BnbQuantizationConfig bnb = parse_bnb_quantization_config(quantization_config, config_path);
+  ConvertOptions options;
+  options.int8 = bnb.load_in_8bit;
+  options.quant_type = bnb.quant_type;
+  options.double_quant = bnb.load_in_4bit && bnb.double_quant;
+  const auto names = config.tensor_names();
+  bool blocksize_seen = false;
+  for (const auto& name : names) {
+    const bool four_bit = is_bnb_4bit_weight(checkpoint, name);
+    const bool eight_bit = is_bnb_8bit_weight(checkpoint, name);
+    const std::string where = (checkpoint.contains(name) ? checkpoint.file_of(name).path() : directory) +
+                              ": tensor '" + name + "'";
+    if (!four_bit && !eight_bit) {
+      // transformers leaves llm_int8_skip_modules in 16-bit: the store lists them as kept.
+      if (ModelConfig::is_block_linear(name))
+        options.keep_unquantized += (options.keep_unquantized.empty() ? "" : ",") + name.substr(0, name.size() - 7);
+      continue;
+    }
+    if (!ModelConfig::is_block_linear(name))
+      throw FormatError(where + " is quantized, but a qlora store quantizes only decoder-block linear weights "
+                        "(convert the 16-bit original, or quantize with llm_int8_skip_modules covering it)");
+    if (four_bit != bnb.load_in_4bit)
+      throw FormatError(where + " is stored " + (four_bit ? "4-bit" : "8-bit") + " but " + config_path +
+                        " says load_in_" + (bnb.load_in_4bit ? "4bit" : "8bit"));
+    if (!four_bit) continue;
+    const Bnb4bitWeight weight = read_bnb_4bit_weight(checkpoint, name, config.expected_shape(name));
+    if (weight.quant_type != bnb.quant_type || weight.nested != bnb.double_quant)
+      throw FormatError(where + ": its quant_state (" + (weight.quant_type == kernels::QuantType::nf4 ? "nf4" : "fp4") +
+                        (weight.nested ? ", nested" : "") + ") contradicts quantization_config in " + config_path);
+    if (blocksize_seen && weight.blocksize != options.blocksize)
+      throw FormatError(where + ": blocksize " + std::to_string(weight.blocksize) + " differs from the " +
+                        std::to_string(options.blocksize) + " of earlier weights; a store has one blocksize");
+    options.blocksize = weight.blocksize;
+    blocksize_seen = true;
+  }
+
+  ModelStoreWriter writer(out_path, header_for(config, options, std::filesystem::path(directory).filename().string(),
+                                               "none"));
+  Fnv1a64 checksum;
+  ConvertSummary summary;
+  for (const auto& name : names) {
+    const auto shape = config.expected_shape(name);
+    const int64_t numel = numel_of(shape);
+    uint64_t source_bytes = 0;
+    if (is_bnb_4bit_weight(checkpoint, name)) {
+      const Bnb4bitWeight weight = read_bnb_4bit_weight(checkpoint, name, shape);
+      const int64_t blocks = kernels::quant_block_count(numel, weight.blocksize);
+      checksum.update(weight.codes, kernels::packed_byte_count(numel));
+      if (weight.nested) {
+        checksum.update(weight.absmax_codes, blocks);
+        writer.add_double_quantized(name, shape, weight.dtype, weight.codes, weight.absmax_codes, weight.nested_absmax,
+                                    weight.nested_offset);
+        summary.store_bytes += kernels::packed_byte_count(numel) + blocks +
+                               kernels::nested_block_count(blocks) * sizeof(float);
+      } else {
+        checksum.update(weight.absmax, blocks * sizeof(float));
+        writer.add_quantized(name, shape, weight.dtype, weight.codes, weight.absmax);
+        summary.store_bytes += kernels::packed_byte_count(numel) + blocks * sizeof(float);
+      }
+      summary.quantized_parameters += numel;
+      source_bytes = weight.source_bytes;
+    } else if (is_bnb_8bit_weight(checkpoint, name)) {
+      const Bnb8bitWeight weight = read_bnb_8bit_weight(checkpoint, name, shape);
+      checksum.update(weight.codes, numel);
+      checksum.update(weight.row_absmax, shape.front() * sizeof(float));
+      // Linear8bitLt quantizes the weight cast to float16, so that is the dtype it was made from.
+      writer.add_int8(name, shape, kernels::DType::f16, weight.codes, weight.row_absmax);
+      summary.store_bytes += numel + shape.front() * sizeof(float);
+      summary.quantized_parameters += numel;
+      source_bytes = weight.source_bytes;
+    } else {
+      const SafetensorsEntry& entry = checked_float_entry(checkpoint, name, config);
+      checksum.update(checkpoint.data(name), entry.end - entry.begin);
+      writer.add_dense(name, shape, entry.dtype, checkpoint.data(name));
+      summary.store_bytes += entry.end - entry.begin;
+      source_bytes = entry.end - entry.begin;
+    }
+    count_tensor(summary, numel, source_bytes, static_cast<int64_t>(names.size()), name, progress);
+  }
+  return finish_conversion(writer, checksum, start, summary);
+}
+
+}  // namespace
+
 ConvertSummary convert_hf_directory(const std::string& directory, const std::string& out_path,
                                     const ConvertOptions& options, const ConvertProgress& progress) {
-  validate_blocksize(options.blocksize);
+  validate_options(options);
   const auto start = std::chrono::steady_clock::now();
   const std::string config_path = (std::filesystem::path(directory) / "config.json").string();
   std::ifstream config_file(config_path, std::ios::binary);
@@ -186,10 +327,10 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
     throw FormatError(config_path + ": invalid JSON: " + error.what());
   }
   const ModelConfig config = ModelConfig::from_json(config_json, config_path);
-  if (config_json.contains("quantization_config"))
-    throw FormatError(config_path + ": the checkpoint is already quantized; importing pre-quantized checkpoints "
-                      "is not supported yet (convert the 16-bit original)");
   auto checkpoint = SafetensorsCheckpoint::open_directory(directory);
+  if (config_json.contains("quantization_config"))
+    return import_bnb_checkpoint(directory, *checkpoint, config, config_json.at("quantization_config"), out_path,
+                                 progress, start);
 
   ModelStoreWriter writer(out_path, header_for(config, options, std::filesystem::path(directory).filename().string(),
                                                "none"));
@@ -198,19 +339,11 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
   ConvertSummary summary;
   const auto names = config.tensor_names();
   for (const auto& name : names) {
-    const SafetensorsEntry& entry = checkpoint->entry(name);
-    const std::string where = checkpoint->file_of(name).path() + ": tensor '" + name + "'";
-    const auto expected = config.expected_shape(name);
-    if (entry.shape != expected)
-      throw FormatError(where + " has shape " + shape_text(entry.shape) + " but config.json implies " +
-                        shape_text(expected));
-    if (!entry.dtype_known || (entry.dtype != kernels::DType::f32 && entry.dtype != kernels::DType::f16 &&
-                               entry.dtype != kernels::DType::bf16))
-      throw FormatError(where + " has dtype " + entry.dtype_code + "; expected F32, F16 or BF16");
+    const SafetensorsEntry& entry = checked_float_entry(*checkpoint, name, config);
     const uint8_t* data = checkpoint->data(name);
     const int64_t numel = entry.numel();
     checksum.update(data, entry.end - entry.begin);
-    if (ModelConfig::is_block_linear(name) && options.quantize) {
+    if (quantizes(name, options)) {
       std::vector<float> values(numel);
       kernels::convert_to_float(entry.dtype, data, numel, values.data());
       write_quantized(writer, name, entry.shape, entry.dtype, values, options, checkpoint->file_of(name).path(),
@@ -226,7 +359,7 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
 
 ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string& out_path,
                                  const ConvertOptions& options, const ConvertProgress& progress) {
-  validate_blocksize(options.blocksize);
+  validate_options(options);
   const auto start = std::chrono::steady_clock::now();
   const auto file = GgufFile::open(gguf_path);
   const ModelConfig config = llama_config_from_gguf(*file);
@@ -290,7 +423,7 @@ ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string
                                        : tensor.type == ggml_type::bf16 ? kernels::DType::bf16
                                                                         : kernels::DType::f32;
     const int64_t numel = tensor.numel();
-    if (ModelConfig::is_block_linear(name) && options.quantize) {
+    if (quantizes(name, options)) {
       values.resize(static_cast<size_t>(numel));
       dequantize_ggml(tensor.type, data, numel, values.data());
       write_quantized(writer, name, tensor.shape, dense_dtype, values, options, gguf_path, summary);

@@ -13,7 +13,14 @@ namespace qlora::shard {
 struct ConvertOptions {
   bool quantize = true;   // false: keep the block linears in their source dtype (quant_method none)
   kernels::QuantType quant_type = kernels::QuantType::nf4;
+  bool int8 = false;      // LLM.int8 row-wise codes instead of 4-bit (quant_method bnb-8bit)
   int64_t blocksize = 64;
+  bool double_quant = false;  // 4-bit: absmax quantized again as bitsandbytes' compress_statistics
+  // Comma list of module-name suffixes kept in the source dtype (transformers' llm_int8_skip_modules).
+  std::string keep_unquantized = "";
+  // Which bitsandbytes quantizer's bytes to reproduce (kernels/nf4.h): cuda made the checkpoints in
+  // the wild; tests pick cpu to compare with fixtures made without a GPU.
+  kernels::BitsandbytesBackend backend = kernels::BitsandbytesBackend::cuda;
   uint64_t seed = 1234;   // synthetic models only
 };
 
@@ -35,6 +42,9 @@ using ConvertProgress = std::function<void(int64_t, int64_t, const std::string&)
 
 ConvertSummary convert_synthetic(const std::string& preset, const std::string& out_path,
                                  const ConvertOptions& options, const ConvertProgress& progress = {});
+// A Hugging Face folder. A pre-quantized bitsandbytes checkpoint (config.json quantization_config
+// with load_in_4bit or load_in_8bit) is imported as it is: codes and statistics are copied byte for
+// byte, and the quantization options are ignored (its own blocksize, type and nesting are kept).
 ConvertSummary convert_hf_directory(const std::string& directory, const std::string& out_path,
                                     const ConvertOptions& options, const ConvertProgress& progress = {});
 

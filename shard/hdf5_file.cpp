@@ -56,6 +56,13 @@ void write_int_attribute(hid_t object, const char* name, int64_t value, const st
     throw FormatError(path + ": cannot write attribute '" + name + "'");
 }
 
+void write_double_attribute(hid_t object, const char* name, double value, const std::string& path) {
+  Handle space(H5Screate(H5S_SCALAR), H5Sclose);
+  Handle attribute(H5Acreate2(object, name, H5T_IEEE_F64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+  if (!attribute.valid() || H5Awrite(attribute.get(), H5T_NATIVE_DOUBLE, &value) < 0)
+    throw FormatError(path + ": cannot write attribute '" + name + "'");
+}
+
 void write_int_array_attribute(hid_t object, const char* name, const std::vector<int64_t>& values,
                                const std::string& path) {
   hsize_t length = values.size();
@@ -93,6 +100,19 @@ int64_t read_int_attribute(hid_t object, const char* name, const std::string& wh
   int64_t value = 0;
   if (H5Aread(attribute.get(), H5T_NATIVE_INT64, &value) < 0)
     throw FormatError(where + ": cannot read attribute '" + name + "' as an integer");
+  return value;
+}
+
+double read_double_attribute(hid_t object, const char* name, const std::string& where) {
+  Handle attribute(H5Aopen(object, name, H5P_DEFAULT), H5Aclose);
+  if (!attribute.valid()) throw FormatError(where + ": missing attribute '" + name + "'");
+  Handle space(H5Aget_space(attribute.get()), H5Sclose);
+  Handle type(H5Aget_type(attribute.get()), H5Tclose);
+  if (H5Sget_simple_extent_npoints(space.get()) != 1 || H5Tget_class(type.get()) != H5T_FLOAT)
+    throw FormatError(where + ": attribute '" + name + "' is not a floating-point scalar");
+  double value = 0;
+  if (H5Aread(attribute.get(), H5T_NATIVE_DOUBLE, &value) < 0)
+    throw FormatError(where + ": cannot read attribute '" + name + "'");
   return value;
 }
 

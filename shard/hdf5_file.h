@@ -37,11 +37,13 @@ hid_t memory_type(kernels::DType dtype);
 
 void write_string_attribute(hid_t object, const char* name, const std::string& value, const std::string& path);
 void write_int_attribute(hid_t object, const char* name, int64_t value, const std::string& path);
+void write_double_attribute(hid_t object, const char* name, double value, const std::string& path);
 void write_int_array_attribute(hid_t object, const char* name, const std::vector<int64_t>& values,
                                const std::string& path);
 bool has_attribute(hid_t object, const char* name);
 std::string read_string_attribute(hid_t object, const char* name, const std::string& where);
 int64_t read_int_attribute(hid_t object, const char* name, const std::string& where);
+double read_double_attribute(hid_t object, const char* name, const std::string& where);
 std::vector<int64_t> read_int_array_attribute(hid_t object, const char* name, const std::string& where);
 
 // 1-D datasets of `count` elements.

@@ -1,9 +1,11 @@
-// HDF5 implementation of the 4-bit model store. Layout (see docs/FORMAT.md):
+// HDF5 implementation of the model store. Layout (see docs/FORMAT.md):
 //   /            attributes format, format_version, architecture, config_json, quant_*, ...
-//   /tensors/<name>/codes   uint8 [ceil(numel/2)]   (quantized tensors)
-//   /tensors/<name>/absmax  float32 [blocks]
-//   /tensors/<name>/data    source dtype [numel]    (dense tensors; bf16/fp16 as uint16 bits)
-// Each tensor group carries shape (int64[]), dtype (string) and quantized (int).
+//   /tensors/<name>/codes          uint8 [ceil(numel/2)] (4-bit) or int8 [numel] (bnb-8bit)
+//   /tensors/<name>/absmax         float32 [blocks], or uint8 [blocks] under double quantization
+//   /tensors/<name>/nested_absmax  float32 [ceil(blocks/256)] (double quantization only)
+//   /tensors/<name>/data           source dtype [numel]    (dense tensors; bf16/fp16 as uint16 bits)
+// Each tensor group carries shape (int64[]), dtype (string) and quantized (int); nested_offset
+// (float64) under double quantization.
 //   /tokenizer   uint8 [n]: the tokenizer's source bytes, attributes kind, bos_token, eos_token (optional)
 #include "shard/model_store.h"
 
@@ -33,6 +35,34 @@ int64_t element_count(const std::vector<int64_t>& shape) {
 }
 
 }  // namespace
+
+QuantGeometry quant_geometry(const StoreHeader& header, const std::vector<int64_t>& shape) {
+  QuantGeometry geometry;
+  geometry.numel = element_count(shape);
+  if (header.quant_method == "bnb-8bit") {
+    geometry.code_bits = 8;
+    geometry.blocksize = shape.size() == 2 ? shape[1] : geometry.numel;
+  } else {
+    geometry.blocksize = header.blocksize;
+    geometry.double_quant = header.double_quant;
+  }
+  return geometry;
+}
+
+bool module_listed(const std::string& tensor_name, const std::string& comma_separated_suffixes) {
+  std::string module = tensor_name;
+  const std::string weight = ".weight";
+  if (module.size() > weight.size() && module.compare(module.size() - weight.size(), weight.size(), weight) == 0)
+    module.resize(module.size() - weight.size());
+  std::stringstream list(comma_separated_suffixes);
+  std::string suffix;
+  while (std::getline(list, suffix, ',')) {
+    if (suffix.empty() || suffix.size() > module.size()) continue;
+    if (module.compare(module.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
+    if (suffix.size() == module.size() || module[module.size() - suffix.size() - 1] == '.') return true;
+  }
+  return false;
+}
 
 // ---- FNV-1a --------------------------------------------------------------------------------------
 
@@ -69,6 +99,8 @@ std::unique_ptr<ModelStore> ModelStore::open(const std::string& path) {
     throw FormatError(path + ": not a qlora model store (no 'format' = '" + kFormatName + "' attribute)");
   StoreHeader& header = store->header_;
   header.format_version = static_cast<int>(read_int_attribute(root.get(), "format_version", path));
+  if (header.format_version < 1)
+    throw FormatError(path + ": invalid format version " + std::to_string(header.format_version));
   if (header.format_version > kStoreFormatVersion)
     throw FormatError(path + ": written by a newer qlora (format version " + std::to_string(header.format_version) +
                       ", this build reads up to " + std::to_string(kStoreFormatVersion) + "); upgrade qlora");
@@ -82,11 +114,19 @@ std::unique_ptr<ModelStore> ModelStore::open(const std::string& path) {
   header.tokenizer = read_string_attribute(root.get(), "tokenizer", path);
   header.source = read_string_attribute(root.get(), "source", path);
   header.source_checksum = read_string_attribute(root.get(), "source_checksum", path);
-  if (header.blocksize < 2 || header.blocksize % 2 != 0)
-    throw FormatError(path + ": invalid blocksize " + std::to_string(header.blocksize));
+  if (has_attribute(root.get(), "unquantized_modules"))
+    header.unquantized_modules = read_string_attribute(root.get(), "unquantized_modules", path);
   const bool quantized_store = header.quant_method != "none";
-  if (quantized_store && header.quant_type != "nf4" && header.quant_type != "fp4")
-    throw FormatError(path + ": unsupported quant_type '" + header.quant_type + "'");
+  const bool int8_store = header.quant_method == "bnb-8bit";
+  if (int8_store) {
+    if (header.quant_type != "int8" || header.double_quant)
+      throw FormatError(path + ": a bnb-8bit store must have quant_type 'int8' and no double quantization");
+  } else if (quantized_store) {
+    if (header.blocksize < 2 || header.blocksize % 2 != 0)
+      throw FormatError(path + ": invalid blocksize " + std::to_string(header.blocksize));
+    if (header.quant_type != "nf4" && header.quant_type != "fp4")
+      throw FormatError(path + ": unsupported quant_type '" + header.quant_type + "'");
+  }
 
   for (const auto& name : header.config.tensor_names()) {
     const std::string group_path = tensor_group(name);
@@ -102,11 +142,18 @@ std::unique_ptr<ModelStore> ModelStore::open(const std::string& path) {
     if (!kernels::parse_dtype_name(read_string_attribute(group.get(), "dtype", where), &tensor.dtype))
       throw FormatError(where + ": unknown dtype");
     tensor.quantized = read_int_attribute(group.get(), "quantized", where) != 0;
-    // Exactly the decoder blocks' linear weights are 4-bit in a quantized store, none otherwise.
-    if (tensor.quantized != (quantized_store && ModelConfig::is_block_linear(name)))
+    // Only decoder blocks' linear weights may be quantized, and all of them in a quantized store
+    // except the modules it lists as kept in the source dtype.
+    const bool expected_quantized = quantized_store && ModelConfig::is_block_linear(name) &&
+                                    !module_listed(name, header.unquantized_modules);
+    if (tensor.quantized != expected_quantized)
       throw FormatError(where + (tensor.quantized ? " is quantized but should not be" : " should be quantized but is not") +
                         " in a '" + header.quant_method + "' store");
     tensor.numel = element_count(tensor.shape);
+    if (tensor.quantized) {
+      tensor.geometry = quant_geometry(header, tensor.shape);
+      if (header.double_quant) tensor.nested_offset = static_cast<float>(read_double_attribute(group.get(), "nested_offset", where));
+    }
     store->tensors_.push_back(std::move(tensor));
   }
   return store;
@@ -131,19 +178,48 @@ const StoredTensor& ModelStore::tensor(const std::string& name) const {
 void ModelStore::read_codes(const std::string& name, const ShardRange& range, uint8_t* codes) const {
   const StoredTensor& stored = tensor(name);
   assert(stored.quantized);
-  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/codes", kernels::DType::u8,
-                 kernels::packed_byte_count(stored.numel), range.byte_begin, range.byte_end, codes,
-                 path_ + ": tensor '" + name + "'");
+  const auto code_dtype = stored.geometry.code_bits == 8 ? kernels::DType::i8 : kernels::DType::u8;
+  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/codes", code_dtype, stored.geometry.code_bytes(),
+                 range.byte_begin, range.byte_end, codes, path_ + ": tensor '" + name + "'");
   bytes_read_ += static_cast<uint64_t>(range.bytes());
 }
 
 void ModelStore::read_absmax(const std::string& name, const ShardRange& range, float* absmax) const {
   const StoredTensor& stored = tensor(name);
-  assert(stored.quantized);
+  assert(stored.quantized && !stored.geometry.double_quant);
   read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/absmax", kernels::DType::f32,
-                 kernels::quant_block_count(stored.numel, header_.blocksize), range.block_begin, range.block_end,
-                 absmax, path_ + ": tensor '" + name + "'");
+                 stored.geometry.blocks(), range.block_begin, range.block_end, absmax,
+                 path_ + ": tensor '" + name + "'");
   bytes_read_ += static_cast<uint64_t>(range.blocks()) * sizeof(float);
+}
+
+void ModelStore::read_absmax_codes(const std::string& name, const ShardRange& range, uint8_t* absmax_codes) const {
+  const StoredTensor& stored = tensor(name);
+  assert(stored.quantized && stored.geometry.double_quant);
+  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/absmax", kernels::DType::u8,
+                 stored.geometry.blocks(), range.block_begin, range.block_end, absmax_codes,
+                 path_ + ": tensor '" + name + "'");
+  bytes_read_ += static_cast<uint64_t>(range.blocks());
+}
+
+void ModelStore::read_nested_absmax(const std::string& name, const ShardRange& range, float* nested_absmax) const {
+  const StoredTensor& stored = tensor(name);
+  assert(stored.quantized && stored.geometry.double_quant);
+  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/nested_absmax", kernels::DType::f32,
+                 stored.geometry.nested_blocks(), range.nested_begin, range.nested_end, nested_absmax,
+                 path_ + ": tensor '" + name + "'");
+  bytes_read_ += static_cast<uint64_t>(range.nested_blocks()) * sizeof(float);
+}
+
+void ModelStore::read_quantized(const std::string& name, const ShardRange& range, uint8_t* codes, void* absmax,
+                                float* nested_absmax) const {
+  read_codes(name, range, codes);
+  if (tensor(name).geometry.double_quant) {
+    read_absmax_codes(name, range, static_cast<uint8_t*>(absmax));
+    read_nested_absmax(name, range, nested_absmax);
+  } else {
+    read_absmax(name, range, static_cast<float*>(absmax));
+  }
 }
 
 void ModelStore::read_dense(const std::string& name, void* destination) const {
@@ -177,8 +253,7 @@ uint64_t ModelStore::data_bytes() const {
   uint64_t total = 0;
   for (const auto& stored : tensors_) {
     if (stored.quantized)
-      total += kernels::packed_byte_count(stored.numel) +
-               sizeof(float) * kernels::quant_block_count(stored.numel, header_.blocksize);
+      total += static_cast<uint64_t>(stored.geometry.stored_bytes());
     else
       total += static_cast<uint64_t>(stored.numel) * kernels::dtype_size(stored.dtype);
   }
@@ -220,14 +295,42 @@ int64_t ModelStoreWriter::create_tensor_group(const std::string& name, const std
   return group;
 }
 
+QuantGeometry ModelStoreWriter::geometry_for(const std::vector<int64_t>& shape) const {
+  return quant_geometry(header_, shape);
+}
+
 void ModelStoreWriter::add_quantized(const std::string& name, const std::vector<int64_t>& shape,
                                      kernels::DType source_dtype, const uint8_t* codes, const float* absmax) {
-  const int64_t numel = element_count(shape);
+  assert(header_.quant_method != "bnb-8bit" && !header_.double_quant);
+  const QuantGeometry geometry = geometry_for(shape);
   Handle group(create_tensor_group(name, shape, source_dtype, true), H5Gclose);
   const std::string where = path_ + ": tensor '" + name + "'";
-  write_dataset(group.get(), "codes", kernels::DType::u8, kernels::packed_byte_count(numel), codes, where);
-  write_dataset(group.get(), "absmax", kernels::DType::f32, kernels::quant_block_count(numel, header_.blocksize),
-                absmax, where);
+  write_dataset(group.get(), "codes", kernels::DType::u8, geometry.code_bytes(), codes, where);
+  write_dataset(group.get(), "absmax", kernels::DType::f32, geometry.blocks(), absmax, where);
+}
+
+void ModelStoreWriter::add_double_quantized(const std::string& name, const std::vector<int64_t>& shape,
+                                            kernels::DType source_dtype, const uint8_t* codes,
+                                            const uint8_t* absmax_codes, const float* nested_absmax,
+                                            float nested_offset) {
+  assert(header_.quant_method != "bnb-8bit" && header_.double_quant);
+  const QuantGeometry geometry = geometry_for(shape);
+  Handle group(create_tensor_group(name, shape, source_dtype, true), H5Gclose);
+  const std::string where = path_ + ": tensor '" + name + "'";
+  write_double_attribute(group.get(), "nested_offset", nested_offset, where);
+  write_dataset(group.get(), "codes", kernels::DType::u8, geometry.code_bytes(), codes, where);
+  write_dataset(group.get(), "absmax", kernels::DType::u8, geometry.blocks(), absmax_codes, where);
+  write_dataset(group.get(), "nested_absmax", kernels::DType::f32, geometry.nested_blocks(), nested_absmax, where);
+}
+
+void ModelStoreWriter::add_int8(const std::string& name, const std::vector<int64_t>& shape,
+                                kernels::DType source_dtype, const int8_t* codes, const float* row_absmax) {
+  assert(header_.quant_method == "bnb-8bit" && shape.size() == 2);
+  const QuantGeometry geometry = geometry_for(shape);
+  Handle group(create_tensor_group(name, shape, source_dtype, true), H5Gclose);
+  const std::string where = path_ + ": tensor '" + name + "'";
+  write_dataset(group.get(), "codes", kernels::DType::i8, geometry.code_bytes(), codes, where);
+  write_dataset(group.get(), "absmax", kernels::DType::f32, geometry.blocks(), row_absmax, where);
 }
 
 void ModelStoreWriter::add_dense(const std::string& name, const std::vector<int64_t>& shape, kernels::DType dtype,
@@ -267,6 +370,7 @@ void ModelStoreWriter::finish() {
     write_string_attribute(root.get(), "tokenizer", header_.tokenizer, path_);
     write_string_attribute(root.get(), "source", header_.source, path_);
     write_string_attribute(root.get(), "source_checksum", header_.source_checksum, path_);
+    write_string_attribute(root.get(), "unquantized_modules", header_.unquantized_modules, path_);
   }
   if (H5Fclose(file) < 0) throw FormatError(path_ + ": cannot close the output file (disk full?)");
   file_ = -1;

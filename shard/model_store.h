@@ -15,15 +15,17 @@
 
 namespace qlora::shard {
 
-constexpr int kStoreFormatVersion = 1;
+// 2 added double quantization, LLM.int8 tensors (bnb-8bit) and block linears kept unquantized.
+constexpr int kStoreFormatVersion = 2;
 
 struct StoreHeader {
   int format_version = kStoreFormatVersion;
   ModelConfig config;
   std::string quant_method = "bnb-4bit";  // bnb-4bit, bnb-8bit, gptq, ..., none
-  std::string quant_type = "nf4";         // nf4 or fp4 for bnb-4bit
-  int64_t blocksize = 64;
-  bool double_quant = false;
+  std::string quant_type = "nf4";         // nf4 or fp4 for bnb-4bit, int8 for bnb-8bit
+  int64_t blocksize = 64;                 // 4-bit only (bnb-8bit scales whole rows: 0)
+  bool double_quant = false;              // 4-bit absmax stored as uint8 + nested fp32 (compress_statistics)
+  std::string unquantized_modules = "";   // comma list of module-name suffixes kept in the source dtype
   std::string compute_dtype = "float32";
   std::string tokenizer = "bytes";        // "bytes" (token = byte value), or the kind of /tokenizer
   std::string source = "";                // what the store was converted from
@@ -36,7 +38,16 @@ struct StoredTensor {
   kernels::DType dtype = kernels::DType::f32;  // the source dtype (also the storage dtype if dense)
   bool quantized = false;
   int64_t numel = 0;
+  QuantGeometry geometry;     // quantized tensors: how codes and absmax are laid out and cut
+  float nested_offset = 0.0f; // double quantization: the mean absmax added back after decoding
 };
+
+// How a block linear of `shape` is laid out in a store with this header.
+QuantGeometry quant_geometry(const StoreHeader& header, const std::vector<int64_t>& shape);
+
+// Whether `tensor_name` (".weight" stripped) ends with one of the comma-separated module suffixes,
+// at a '.' boundary: "down_proj" matches model.layers.3.mlp.down_proj, "proj" matches nothing.
+bool module_listed(const std::string& tensor_name, const std::string& comma_separated_suffixes);
 
 class ModelStore {
  public:
@@ -50,10 +61,18 @@ class ModelStore {
   const StoredTensor& tensor(const std::string& name) const;  // FormatError when absent
   bool contains(const std::string& name) const;
 
-  // The rank's slice of a quantized tensor: packed codes [byte_begin, byte_end) and absmax
-  // [block_begin, block_end) of `range`, read as HDF5 hyperslabs into caller memory.
+  // The rank's slice of a quantized tensor, read as HDF5 hyperslabs into caller memory: code bytes
+  // [byte_begin, byte_end) (packed 4-bit, or int8 for bnb-8bit), and absmax [block_begin, block_end):
+  // fp32 (int8: one per row, bitsandbytes' SCB), or under double quantization uint8 codes plus the
+  // nested fp32 absmax [nested_begin, nested_end).
   void read_codes(const std::string& name, const ShardRange& range, uint8_t* codes) const;
   void read_absmax(const std::string& name, const ShardRange& range, float* absmax) const;
+  void read_absmax_codes(const std::string& name, const ShardRange& range, uint8_t* absmax_codes) const;
+  void read_nested_absmax(const std::string& name, const ShardRange& range, float* nested_absmax) const;
+  // All of the above for `range`: absmax receives fp32 values or uint8 codes as the tensor stores
+  // them; nested_absmax is ignored without double quantization.
+  void read_quantized(const std::string& name, const ShardRange& range, uint8_t* codes, void* absmax,
+                      float* nested_absmax) const;
   // A whole unquantized tensor in its stored dtype (numel * dtype_size bytes).
   void read_dense(const std::string& name, void* destination) const;
 
@@ -62,7 +81,7 @@ class ModelStore {
 
   // Bytes of tensor data this reader has read so far (tests assert ranks read about total / N).
   uint64_t bytes_read() const { return bytes_read_; }
-  // Total bytes of tensor data in the file (codes + absmax + dense tensors).
+  // Total bytes of tensor data in the file (codes + absmax + nested absmax + dense tensors).
   uint64_t data_bytes() const;
 
  private:
@@ -80,8 +99,17 @@ class ModelStoreWriter {
  public:
   ModelStoreWriter(const std::string& path, const StoreHeader& header);
   ~ModelStoreWriter();  // removes the partial file unless finish() ran
+  // A 4-bit tensor with fp32 absmax (header.double_quant false).
   void add_quantized(const std::string& name, const std::vector<int64_t>& shape, kernels::DType source_dtype,
                      const uint8_t* codes, const float* absmax);
+  // A 4-bit tensor under double quantization (header.double_quant true): absmax_codes one byte per
+  // block, nested_absmax one float per 256 blocks, and the tensor's offset.
+  void add_double_quantized(const std::string& name, const std::vector<int64_t>& shape, kernels::DType source_dtype,
+                            const uint8_t* codes, const uint8_t* absmax_codes, const float* nested_absmax,
+                            float nested_offset);
+  // An LLM.int8 weight [rows, cols] (header.quant_method bnb-8bit): int8 codes and fp32 row absmax.
+  void add_int8(const std::string& name, const std::vector<int64_t>& shape, kernels::DType source_dtype,
+                const int8_t* codes, const float* row_absmax);
   void add_dense(const std::string& name, const std::vector<int64_t>& shape, kernels::DType dtype,
                  const void* data);
   void set_source_checksum(const std::string& checksum);
@@ -94,6 +122,7 @@ class ModelStoreWriter {
   // Creates /tensors/<name> with its shape, dtype and quantized attributes; returns the open group.
   int64_t create_tensor_group(const std::string& name, const std::vector<int64_t>& shape, kernels::DType dtype,
                               bool quantized);
+  QuantGeometry geometry_for(const std::vector<int64_t>& shape) const;
   std::string path_;
   std::string partial_path_;
   StoreHeader header_;

@@ -463,6 +463,8 @@ std::vector<std::string> SafetensorsCheckpoint::tensor_names() const {
   return names;
 }
 
+bool SafetensorsCheckpoint::contains(const std::string& name) const { return file_of_tensor_.count(name) != 0; }
+
 const SafetensorsFile& SafetensorsCheckpoint::file_of(const std::string& name) const {
   const auto found = file_of_tensor_.find(name);
   if (found == file_of_tensor_.end()) {

@@ -70,6 +70,7 @@ class SafetensorsCheckpoint {
  public:
   static std::unique_ptr<SafetensorsCheckpoint> open_directory(const std::string& directory);
   std::vector<std::string> tensor_names() const;                 // sorted
+  bool contains(const std::string& name) const;
   const SafetensorsEntry& entry(const std::string& name) const;
   const uint8_t* data(const std::string& name) const;
   const SafetensorsFile& file_of(const std::string& name) const;

@@ -2,6 +2,7 @@
 // a hint, exit code 2 (never a signal or core dump), and no partial output left behind.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <filesystem>
 
 #include "shard/json.h"
@@ -84,6 +85,51 @@ TEST(CommandLine, ConvertAndInspectWork) {
   EXPECT_TRUE(contains(output, "unknown synthetic preset 'enormous'")) << output;
   EXPECT_FALSE(std::filesystem::exists(out + "2"));
   EXPECT_EQ(run_command(qlora_binary() + " inspect " + shared_temp_dir() + "/absent.h5", &output), 2) << output;
+}
+
+TEST(CommandLine, ConvertQuantizationOptionsAndBitsandbytesImport) {
+  const std::string folder = shared_temp_dir();
+  const char* source = std::getenv("QLORA_SOURCE_DIR");
+  const std::string fixtures = std::string(source != nullptr ? source : ".") + "/tests/fixtures/bnb/";
+  std::string output;
+  ASSERT_EQ(run_command(qlora_binary() + " convert --synthetic tiny --double-quant --blocksize 32 --keep-unquantized "
+                            "lm_head,down_proj --out " + folder + "/cli-dq.h5", &output),
+            0)
+      << output;
+  EXPECT_TRUE(contains(output, "quantized to nf4 (blocksize 32, double quantization on)")) << output;
+  ASSERT_EQ(run_command(qlora_binary() + " inspect " + folder + "/cli-dq.h5 --world 4", &output), 0) << output;
+  EXPECT_TRUE(contains(output, "format version   2")) << output;
+  EXPECT_TRUE(contains(output, "double quantization on")) << output;
+  EXPECT_TRUE(contains(output, "unquantized      lm_head,down_proj")) << output;
+  EXPECT_TRUE(contains(output, "shard plan for 4 ranks")) << output;
+  // tiny's k_proj has 4 second-level blocks at blocksize 32: 5 ranks cannot share it.
+  EXPECT_EQ(run_command(qlora_binary() + " inspect " + folder + "/cli-dq.h5 --world 5", &output), 2) << output;
+  EXPECT_TRUE(contains(output, "second-level (256-block) units")) << output;
+  EXPECT_TRUE(contains(output, "without --double-quant")) << output;
+
+  ASSERT_EQ(run_command(qlora_binary() + " convert --synthetic micro --quant int8 --out " + folder + "/cli-int8.h5",
+                        &output),
+            0)
+      << output;
+  EXPECT_TRUE(contains(output, "quantized to int8 (LLM.int8, one fp32 scale per row)")) << output;
+  EXPECT_EQ(run_command(qlora_binary() + " convert --synthetic micro --quant int8 --double-quant --out " + folder +
+                            "/never.h5", &output),
+            2)
+      << output;
+  EXPECT_TRUE(contains(output, "--double-quant applies to nf4 and fp4 only")) << output;
+  EXPECT_FALSE(std::filesystem::exists(folder + "/never.h5"));
+
+  ASSERT_EQ(run_command(qlora_binary() + " convert --from " + fixtures + "nf4_double_quant --out " + folder +
+                            "/cli-import.h5", &output),
+            0)
+      << output;
+  EXPECT_TRUE(contains(output, "quantized to nf4 (blocksize 64, double quantization on)")) << output;
+  ASSERT_EQ(run_command(qlora_binary() + " convert --from " + fixtures + "int8 --out " + folder + "/cli-import8.h5",
+                        &output),
+            0)
+      << output;
+  ASSERT_EQ(run_command(qlora_binary() + " inspect " + folder + "/cli-import8.h5", &output), 0) << output;
+  EXPECT_TRUE(contains(output, "bnb-8bit int8")) << output;
 }
 
 TEST(CommandLine, TrainsOnTwoRanksAndWritesTheRunFolder) {
