@@ -188,6 +188,31 @@ TEST_F(Slurm, SrunAcrossTwoNodesMatchesOneNode) {
   }
 }
 
+// mpirun inside a batch job starts its daemons with srun, one per node, so every rank inherits its
+// node's daemon's SLURM_PROCID (0 for both ranks on node1). qlora must not care: MPI gives the layout.
+TEST_F(Slurm, MpirunInsideSbatchGetsItsLayoutFromMpiNotSlurmProcid) {
+  const std::string folder = shared_temp_dir();
+  const std::string log = folder + "/mpirun-in-sbatch.log";
+  const std::string train = qlora_binary() + " train --model " + synthetic_store("micro") +
+                            " --steps 2 --seq-len 32 --global-batch 4 --eval-fraction 0 --threads 1 --out " + folder +
+                            "/mpirun-in-sbatch";
+  std::string output;
+  ASSERT_EQ(run_script("mpirun_in_sbatch",
+                       "sbatch --wait --nodes=2 --ntasks-per-node=2 --output=" + log +
+                           " --wrap \"mpirun bash -c 'echo rank \\$OMPI_COMM_WORLD_RANK has SLURM_PROCID "
+                           "\\$SLURM_PROCID on \\$SLURMD_NODENAME; exec " + train + "'\"\n",
+                       &output),
+            0)
+      << output << read_file(log);
+  const std::string job_log = read_file(log);
+  EXPECT_TRUE(contains(job_log, "rank 1 has SLURM_PROCID 0 on node1")) << job_log;
+  EXPECT_TRUE(contains(job_log, "rank 2 has SLURM_PROCID 1 on node2")) << job_log;
+  EXPECT_TRUE(contains(job_log, "qlora train: 4 ranks (mpirun")) << job_log;
+  EXPECT_TRUE(contains(job_log, "node 0 " + host_name() + ": ranks 0 1\n")) << job_log;
+  EXPECT_TRUE(contains(job_log, "node 1 " + host_name() + ": ranks 2 3\n")) << job_log;
+  EXPECT_TRUE(std::filesystem::exists(folder + "/mpirun-in-sbatch/final/adapter_model.safetensors"));
+}
+
 // slurm/qlora.sbatch across both nodes, submitted with sbatch --wait. After step 2 the job gets
 // SIGUSR1 the way --signal delivers it before a time limit (to every rank, not the batch shell):
 // qlora checkpoints and exits 75, the script requeues the job, the second attempt resumes with
