@@ -1,4 +1,4 @@
-// Command-line front ends of convert / train / inspect (Boost.Program_options, grouped --help,
+// Command-line front ends of convert / train / eval / inspect / plan (Boost.Program_options, grouped --help,
 // every train option also settable from an INI file given by --config; the command line wins).
 #include "launcher/commands.h"
 
@@ -16,10 +16,12 @@
 #include "cluster/memory.h"
 #include "launcher/errors.h"
 #include "launcher/evaluate.h"
+#include "launcher/plan.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
 #include "shard/json.h"
 #include "shard/model_store.h"
+#include "shard/shard_plan.h"
 
 namespace po = boost::program_options;
 
@@ -89,6 +91,7 @@ std::string usage() {
          "\n"
          "commands:\n"
          "  train     fine-tune LoRA adapters on a 4-bit model (any number of ranks; no --model: embedded demo)\n"
+         "  plan      predict per-rank memory of a job (and whether it fits) before it runs\n"
          "  convert   write a 4-bit model store (model.h5) from a Hugging Face folder or a synthetic preset\n"
          "  eval      loss and perplexity of a model, with or without a PEFT adapter\n"
          "  inspect   print a model store and, with --world N, each rank's shard\n"
@@ -103,7 +106,7 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
   options.add_options()
       ("help,h", "show this help")
       ("from", po::value<std::string>(), "Hugging Face model folder (config.json + *.safetensors) or a llama GGUF file (*.gguf)")
-      ("synthetic", po::value<std::string>(), "write a random model instead: micro | tiny | small")
+      ("synthetic", po::value<std::string>(), "write a random model instead: micro | tiny | small | smollm2-135m | CONFIG.json")
       ("out", po::value<std::string>(), "output model store (model.h5)")
       ("quant-type", po::value<std::string>()->default_value("nf4"), "nf4 | fp4 | none (keep the source dtype)")
       ("blocksize", po::value<int64_t>()->default_value(64), "quantization block size (power of two, 32..4096)")
@@ -233,6 +236,120 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
     out << "\n";
   }
   std::cout << out.str() << std::flush;
+  return 0;
+}
+
+// ---- plan ----------------------------------------------------------------------------------------
+
+int run_plan(const std::vector<std::string>& arguments, CommandContext& context) {
+  po::options_description model_options("Model");
+  model_options.add_options()
+      ("model", po::value<std::string>(), "model.h5, a Hugging Face config.json, or a preset (llama-2-7b, llama-2-70b, "
+       "llama-3-8b, llama-3-70b, llama-3.1-405b, mistral-7b)")
+      ("quant", po::value<std::string>(), "nf4 | fp4 | none (default: the store's, else nf4)")
+      ("blocksize", po::value<int64_t>(), "quantization blocksize (default: the store's, else 64)")
+      ("double-quant", po::value<bool>(), "double quantization of absmax, 1|0 (default: the store's, else 0)");
+  po::options_description job_options("Job");
+  job_options.add_options()
+      ("world", po::value<int>()->default_value(1), "ranks (GPUs) in the job")
+      ("gpus-per-node", po::value<int>()->default_value(0), "ranks per node (0: one node)")
+      ("device-memory", po::value<std::string>()->default_value("0"), "memory per rank to fit into, e.g. 80GiB (0: no check)")
+      ("overhead", po::value<std::string>()->default_value("0"), "per-rank memory outside tensors, e.g. 1GiB for a CUDA context and NCCL buffers")
+      ("micro-batch", po::value<int64_t>()->default_value(1), "sequences per forward on each rank")
+      ("seq-len", po::value<int64_t>()->default_value(2048), "tokens per sequence")
+      ("accumulation-steps", po::value<int64_t>()->default_value(1), "micro-batches per optimizer step")
+      ("lora-r", po::value<int64_t>()->default_value(16), "adapter rank")
+      ("lora-targets", po::value<std::string>()->default_value("all-linear"), "comma list of projections or all-linear")
+      ("lora-dropout", po::value<double>()->default_value(0.0), "adapter dropout (adds a mask per adapted input)")
+      ("checkpointing", po::value<std::string>()->default_value("reentrant"), "reentrant | non-reentrant | off")
+      ("keep-embeddings-16bit", po::value<bool>()->default_value(false)->implicit_value(true), "do not upcast embeddings / LM head")
+      ("optimizer", po::value<std::string>()->default_value("adamw"), "adamw | sgd")
+      ("compute-dtype", po::value<std::string>()->default_value("fp32"), "activation dtype: fp32 (this CPU runtime) | bf16")
+      ("gather-slots", po::value<int>()->default_value(2), "gathered 4-bit blocks kept in memory");
+  po::options_description output_options("Output");
+  output_options.add_options()
+      ("help,h", "show this help")
+      ("fit", "search the largest micro-batch for each sequence length that fits --device-memory")
+      ("json", "print JSON instead of the table");
+  po::options_description all("qlora plan options");
+  all.add(model_options).add(job_options).add(output_options);
+  po::positional_options_description positional;
+  positional.add("model", 1);
+  const auto values = parse(arguments, all, "plan", &positional);
+  const char* synopsis = "usage: qlora plan --model (model.h5 | config.json | llama-3-70b) --world N --device-memory 80GiB [options]";
+  if (values.count("help") || !values.count("model")) {
+    print_help(synopsis, all);
+    if (!values.count("help")) throw UserError("no model given", synopsis);
+    return 0;
+  }
+  if (context.layout.rank != 0) return 0;
+
+  const std::string model = values["model"].as<std::string>();
+  PlanJob job;
+  shard::ModelConfig config;
+  auto ends_with = [&](const char* suffix) {
+    const std::string text(suffix);
+    return model.size() >= text.size() && model.compare(model.size() - text.size(), text.size(), text) == 0;
+  };
+  if (is_plan_preset(model)) {
+    config = plan_preset(model);
+  } else if (ends_with(".json")) {
+    config = shard::read_config_file(model);
+    job.source_dtype = config.torch_dtype;
+  } else if (ends_with(".h5") || std::filesystem::exists(model)) {
+    auto store = shard::ModelStore::open(model);
+    const auto& header = store->header();
+    config = header.config;
+    job.quant = header.quant_method == "none" ? "none" : header.quant_type;
+    job.blocksize = header.blocksize;
+    job.double_quant = header.double_quant;
+    job.source_dtype = kernels::dtype_name(store->tensor("model.embed_tokens.weight").dtype);
+  } else {
+    config = plan_preset(model);  // names the known presets
+  }
+  if (values.count("quant")) job.quant = values["quant"].as<std::string>();
+  if (values.count("blocksize")) job.blocksize = values["blocksize"].as<int64_t>();
+  if (values.count("double-quant")) job.double_quant = values["double-quant"].as<bool>();
+  job.world = values["world"].as<int>();
+  job.gpus_per_node = values["gpus-per-node"].as<int>();
+  job.device_memory = parse_byte_size(values["device-memory"].as<std::string>(), "--device-memory");
+  job.overhead = parse_byte_size(values["overhead"].as<std::string>(), "--overhead");
+  job.micro_batch = values["micro-batch"].as<int64_t>();
+  job.sequence_length = values["seq-len"].as<int64_t>();
+  job.accumulation_steps = values["accumulation-steps"].as<int64_t>();
+  job.lora.r = values["lora-r"].as<int64_t>();
+  job.lora.dropout = values["lora-dropout"].as<double>();
+  const std::string targets = values["lora-targets"].as<std::string>();
+  job.lora.target_modules = targets == "all-linear" ? model::LoraConfig{}.target_modules : split_list(targets);
+  const std::string checkpointing = values["checkpointing"].as<std::string>();
+  if (checkpointing != "reentrant" && checkpointing != "non-reentrant" && checkpointing != "off")
+    throw UserError("--checkpointing '" + checkpointing + "' is not known", "use reentrant, non-reentrant or off");
+  job.checkpointing = checkpointing != "off";
+  job.embeddings_16bit = values["keep-embeddings-16bit"].as<bool>();
+  job.optimizer = values["optimizer"].as<std::string>();
+  job.compute_dtype = values["compute-dtype"].as<std::string>();
+  job.gather_slots = values["gather-slots"].as<int>();
+  if (job.lora.r < 1) throw UserError("--lora-r must be at least 1");
+  if (job.accumulation_steps < 1) throw UserError("--accumulation-steps must be at least 1");
+  if (job.world > 1 && job.quant != "none") {
+    const auto shape = config.expected_shape(shard::layer_prefix(0) + "self_attn.k_proj.weight");
+    if (shard::max_world_for(shape[0] * shape[1], job.blocksize) < job.world)
+      throw UserError("--world " + std::to_string(job.world) + " is more ranks than the smallest projection has "
+                      "quantization blocks", "use fewer ranks or a smaller --blocksize");
+  }
+  if (values.count("fit") && job.device_memory <= 0)
+    throw UserError("--fit needs --device-memory", "e.g. --device-memory 80GiB");
+
+  const Plan plan = make_plan(model, config, job);
+  std::vector<FitPoint> fit;
+  if (values.count("fit")) fit = fit_search(model, config, job);
+  if (values.count("json")) {
+    std::cout << plan_json(plan, values.count("fit") ? &fit : nullptr).dump(2) << std::endl;
+  } else {
+    std::cout << format_plan(plan);
+    if (values.count("fit")) std::cout << "\n" << format_fit(fit, plan);
+    std::cout << std::flush;
+  }
   return 0;
 }
 

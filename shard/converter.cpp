@@ -88,6 +88,8 @@ ConvertSummary finish_conversion(ModelStoreWriter& writer, const Fnv1a64& checks
 }  // namespace
 
 ModelConfig synthetic_config(const std::string& preset) {
+  // A config.json gives any shape random weights: what sizing tests and the planner's checks need.
+  if (preset.size() > 5 && preset.compare(preset.size() - 5, 5, ".json") == 0) return read_config_file(preset);
   ModelConfig config;
   config.architecture = "llama";
   config.num_attention_heads = 8;
@@ -124,7 +126,7 @@ ModelConfig synthetic_config(const std::string& preset) {
     config.intermediate_size = 1376;
     config.num_hidden_layers = 8;
   } else {
-    throw FormatError("unknown synthetic preset '" + preset + "' (known: micro, tiny, small, smollm2-135m)");
+    throw FormatError("unknown synthetic preset '" + preset + "' (known: micro, tiny, small, smollm2-135m, or a config.json path)");
   }
   config.head_dim = config.hidden_size / config.num_attention_heads;
   return config;

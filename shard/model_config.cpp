@@ -3,6 +3,9 @@
 
 #include "shard/safetensors.h"
 
+#include <fstream>
+#include <sstream>
+
 namespace qlora::shard {
 
 const std::vector<std::string>& block_linear_names() {
@@ -159,6 +162,22 @@ int64_t ModelConfig::parameter_count() const {
     total += numel;
   }
   return total;
+}
+
+}  // namespace qlora::shard
+
+namespace qlora::shard {
+
+ModelConfig read_config_file(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw FormatError(path + ": cannot read the model config");
+  std::stringstream text;
+  text << file.rdbuf();
+  try {
+    return ModelConfig::from_json(Json::parse(text.str()), path);
+  } catch (const JsonError& error) {
+    throw FormatError(path + ": invalid JSON: " + error.what());
+  }
 }
 
 }  // namespace qlora::shard

@@ -47,6 +47,9 @@ struct ModelConfig {
   int64_t parameter_count() const;
 };
 
+// Reads and validates a Hugging Face config.json file; FormatError names the file.
+ModelConfig read_config_file(const std::string& path);
+
 // The seven projections of a decoder block, in the order blocks store and gather them.
 const std::vector<std::string>& block_linear_names();     // "self_attn.q_proj", ..., "mlp.down_proj"
 std::string layer_prefix(int64_t layer);                  // "model.layers.<layer>."

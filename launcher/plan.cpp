@@ -1,0 +1,534 @@
+// Per-rank memory prediction for a training job: exact sizes for stored state (the same shard
+// arithmetic the runtime uses) and a tensor count of the decoder block for activations.
+#include "launcher/plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <sstream>
+
+#include "cluster/block_gather.h"
+#include "cluster/log.h"
+#include "launcher/errors.h"
+#include "model/chunked_loss.h"
+
+namespace qlora::launcher {
+namespace {
+
+shard::ModelConfig llama_shape(int64_t layers, int64_t hidden, int64_t intermediate, int64_t heads, int64_t kv_heads,
+                               int64_t vocab, int64_t context, double rope_theta) {
+  shard::ModelConfig config;
+  config.architecture = "llama";
+  config.num_hidden_layers = layers;
+  config.hidden_size = hidden;
+  config.intermediate_size = intermediate;
+  config.num_attention_heads = heads;
+  config.num_key_value_heads = kv_heads;
+  config.head_dim = hidden / heads;
+  config.vocab_size = vocab;
+  config.max_position_embeddings = context;
+  config.rope_theta = rope_theta;
+  config.torch_dtype = "bfloat16";
+  return config;
+}
+
+const std::map<std::string, shard::ModelConfig>& presets() {
+  static const std::map<std::string, shard::ModelConfig> table = [] {
+    std::map<std::string, shard::ModelConfig> result;
+    result["llama-2-7b"] = llama_shape(32, 4096, 11008, 32, 32, 32000, 4096, 10000.0);
+    result["llama-2-70b"] = llama_shape(80, 8192, 28672, 64, 8, 32000, 4096, 10000.0);
+    result["llama-3-8b"] = llama_shape(32, 4096, 14336, 32, 8, 128256, 8192, 500000.0);
+    result["llama-3-70b"] = llama_shape(80, 8192, 28672, 64, 8, 128256, 8192, 500000.0);
+    auto llama_405b = llama_shape(126, 16384, 53248, 128, 8, 128256, 131072, 500000.0);
+    llama_405b.rope_scaling.type = "llama3";
+    llama_405b.rope_scaling.factor = 8.0;
+    result["llama-3.1-405b"] = llama_405b;
+    auto mistral = llama_shape(32, 4096, 14336, 32, 8, 32000, 32768, 1000000.0);
+    mistral.architecture = "mistral";
+    result["mistral-7b"] = mistral;
+    return result;
+  }();
+  return table;
+}
+
+int64_t dtype_bytes(const std::string& dtype) {
+  if (dtype == "float32" || dtype == "fp32") return 4;
+  return 2;  // bfloat16 / float16
+}
+
+// The element counts of one micro-batch's activations, in the decoder's own variable names.
+struct Shape {
+  int64_t tokens, hidden, intermediate, query, key_value, repeated_key_value, scores, sequence;
+};
+
+// Tensors alive at the peak of one block run without autograd (the checkpointed forward): the
+// block keeps every local until it returns, so the attention locals are still held while the MLP runs.
+int64_t block_peak_without_grad(const Shape& s, int64_t weight_elements, int64_t mask_bytes, int64_t element) {
+  const int64_t attention_locals = s.tokens * (s.hidden + s.query + 2 * s.repeated_key_value + s.query);
+  const int64_t during_softmax = attention_locals + 2 * s.scores;
+  const int64_t mlp_locals = attention_locals + s.scores + s.tokens * (2 * s.hidden + 4 * s.intermediate);
+  const int64_t during_down = mlp_locals + std::max(weight_elements + s.tokens * s.hidden, 3 * s.tokens * s.hidden);
+  return std::max(during_softmax, during_down) * element + mask_bytes;
+}
+
+// Tensors autograd saves for one block's backward.
+int64_t block_saved_for_backward(const Shape& s, int64_t adapter_rows, int64_t dropout_inputs, int64_t mask_bytes,
+                                 int64_t element) {
+  // normed input; rotated q; k and v before and after rotation; attention output; residual sum;
+  // normed MLP input; gate, up, silu(gate) and their product; block output.
+  int64_t elements = s.tokens * (s.hidden + s.query + 4 * s.key_value + s.query + 2 * s.hidden +
+                                 4 * s.intermediate + s.hidden);
+  if (s.repeated_key_value != s.key_value) elements += 2 * s.tokens * s.repeated_key_value;
+  elements += s.scores;                        // softmax output, kept for its own and the matmul's backward
+  elements += s.tokens * adapter_rows;         // A(x) of every adapter
+  elements += 2 * s.tokens * dropout_inputs;   // dropout: the mask and the masked input
+  return elements * element + mask_bytes;
+}
+
+struct Activations {
+  int64_t forward = 0, backward = 0, logits = 0;
+};
+
+Activations activations(const shard::ModelConfig& config, const PlanJob& job, bool checkpointing,
+                        int64_t lm_head_copy_bytes) {
+  const int64_t element = dtype_bytes(job.compute_dtype);
+  const int64_t batch = job.micro_batch;
+  const int64_t sequence = job.sequence_length;
+  Shape s{};
+  s.tokens = batch * sequence;
+  s.hidden = config.hidden_size;
+  s.intermediate = config.intermediate_size;
+  s.query = config.num_attention_heads * config.head_dim;
+  s.key_value = config.num_key_value_heads * config.head_dim;
+  s.repeated_key_value = config.num_key_value_heads == config.num_attention_heads ? s.key_value : s.query;
+  s.scores = batch * config.num_attention_heads * sequence * sequence;
+  s.sequence = sequence;
+  const int64_t mask_bytes = sequence * sequence;  // the causal mask (bool)
+  const int64_t layers = config.num_hidden_layers;
+  const int64_t largest_weight = config.hidden_size * std::max(config.intermediate_size, s.query);
+
+  // Adapter terms: A(x) rows and, with dropout, a mask as large as each adapted input.
+  int64_t adapter_rows = 0, dropout_inputs = 0;
+  std::vector<std::string> targets;
+  try {
+    targets = job.lora.resolved_targets();
+  } catch (const std::exception& error) {
+    throw UserError(std::string("--lora-targets: ") + error.what(), "use q_proj ... down_proj or all-linear");
+  }
+  for (const auto& target : targets) {
+    const int64_t rank = job.lora.for_module("model.layers.0." + std::string(target == "gate_proj" || target == "up_proj" ||
+                                                                                target == "down_proj"
+                                                                            ? "mlp."
+                                                                            : "self_attn.") +
+                                              target)
+                             .r;
+    adapter_rows += rank;
+    if (job.lora.dropout > 0) dropout_inputs += target == "down_proj" ? s.intermediate : target == "o_proj" ? s.query : s.hidden;
+  }
+
+  const int64_t hidden_bytes = s.tokens * s.hidden * element;
+  const int64_t chunk_rows = std::min(s.tokens, model::default_chunk_rows(config.vocab_size));
+  const int64_t logits_chunk = chunk_rows * config.vocab_size * element;
+  Activations result;
+  result.logits = logits_chunk;
+  const int64_t final_norm = 2 * hidden_bytes;
+  const int64_t loss_forward = 2 * logits_chunk + lm_head_copy_bytes;
+  const int64_t loss_backward = hidden_bytes + 2 * logits_chunk + lm_head_copy_bytes;
+  const int64_t saved = block_saved_for_backward(s, adapter_rows, dropout_inputs, mask_bytes, element);
+  // Backward through one block. Two moments compete: the MLP's backward (every saved tensor of the
+  // block plus hidden-sized gradient temporaries) and the attention's (the softmax output, its
+  // gradient and the scores' gradient while the MLP's saved tensors are still referenced). The
+  // temporaries' coefficients were measured with the counting allocator (fp32, LibTorch 1.13) on
+  // models with intermediate/hidden 2.75 and 5.5 and sequence lengths 64-1024; test_plan guards them.
+  const int64_t hidden_elements = s.tokens * s.hidden;
+  const int64_t block_backward =
+      std::max(saved + (10 * hidden_elements + s.scores / 4) * element,
+               (3 * s.scores + 4 * s.tokens * s.intermediate - 4 * hidden_elements) * element);
+  if (checkpointing) {
+    const int64_t kept_inputs = layers * hidden_bytes;
+    result.forward = std::max(kept_inputs + block_peak_without_grad(s, largest_weight, mask_bytes, element),
+                              kept_inputs + hidden_bytes + final_norm + loss_forward);
+    result.backward = std::max(kept_inputs + final_norm + loss_backward, kept_inputs + hidden_bytes + block_backward);
+  } else {
+    const int64_t kept = hidden_bytes + layers * saved;
+    result.forward = kept + std::max(largest_weight * element, final_norm + loss_forward);
+    result.backward = kept + final_norm + std::max(loss_backward, block_backward - saved);
+  }
+  return result;
+}
+
+}  // namespace
+
+bool is_plan_preset(const std::string& name) { return presets().count(name) != 0; }
+
+shard::ModelConfig plan_preset(const std::string& name) {
+  auto found = presets().find(name);
+  if (found == presets().end()) {
+    std::string known;
+    for (const auto& entry : presets()) known += (known.empty() ? "" : ", ") + entry.first;
+    throw UserError("unknown model preset '" + name + "'", "known presets: " + known + "; or give a model.h5 / config.json");
+  }
+  return found->second;
+}
+
+std::vector<std::string> plan_preset_names() {
+  std::vector<std::string> names;
+  for (const auto& entry : presets()) names.push_back(entry.first);
+  return names;
+}
+
+Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, const PlanJob& job) {
+  if (job.world < 1) throw UserError("--world must be at least 1");
+  if (job.micro_batch < 1 || job.sequence_length < 1)
+    throw UserError("--micro-batch and --seq-len must be positive");
+  if (job.quant != "nf4" && job.quant != "fp4" && job.quant != "none")
+    throw UserError("--quant '" + job.quant + "' is not planned", "use nf4, fp4 or none");
+  if (job.optimizer != "adamw" && job.optimizer != "sgd")
+    throw UserError("--optimizer '" + job.optimizer + "' is not known", "use adamw or sgd");
+  if (job.compute_dtype != "fp32" && job.compute_dtype != "bf16")
+    throw UserError("--compute-dtype '" + job.compute_dtype + "' is not known", "use fp32 or bf16");
+  if (job.blocksize < 16 || job.blocksize % 2 != 0) throw UserError("--blocksize must be an even number >= 16");
+  Plan plan;
+  plan.model_name = model_name;
+  plan.config = config;
+  plan.job = job;
+  plan.parameters = config.parameter_count();
+  plan.nodes = job.gpus_per_node > 0 ? (job.world + job.gpus_per_node - 1) / job.gpus_per_node : 1;
+  const bool quantized = job.quant != "none";
+  const int64_t source_element = dtype_bytes(job.source_dtype);
+  const int64_t layers = config.num_hidden_layers;
+
+  // One block's layout is every block's: the same seven shapes.
+  std::vector<cluster::QuantizedTensorSpec> specs;
+  int64_t block_linear_elements = 0;
+  for (const auto& linear : shard::block_linear_names()) {
+    const auto shape = config.expected_shape(shard::layer_prefix(0) + linear + ".weight");
+    specs.push_back({linear, shape[0] * shape[1]});
+    block_linear_elements += shape[0] * shape[1];
+  }
+  const cluster::FlatShardLayout layout(specs, job.blocksize, job.world);
+  // Double quantization stores absmax as one byte plus an fp32 scale per 256 blocks (and one offset).
+  auto segment_bytes = [&](int rank) {
+    int64_t bytes = layout.segment_bytes(rank);
+    if (job.double_quant) {
+      int64_t blocks = 0;
+      for (size_t t = 0; t < specs.size(); ++t) blocks += layout.range(rank, t).blocks();
+      bytes -= blocks * 3 - (blocks + 255) / 256 * 4 - 4;
+    }
+    return bytes;
+  };
+  int64_t gathered = 0;
+  for (int rank = 0; rank < job.world; ++rank) gathered += segment_bytes(rank);
+  plan.quantized_store_bytes = quantized ? gathered * layers : 0;
+
+  // Replicated state after preparation: norms (fp32), biases, the linears when unquantized.
+  const int64_t hidden = config.hidden_size;
+  int64_t norm_elements = (2 * layers + 1) * hidden;
+  int64_t bias_elements = config.attention_bias ? layers * (config.num_attention_heads + 2 * config.num_key_value_heads) *
+                                                      config.head_dim
+                                                : 0;
+  const int64_t embedding_elements = config.vocab_size * hidden;
+  const int64_t embedding_tensors = config.tie_word_embeddings ? 1 : 2;
+  const int64_t embedding_element = job.embeddings_16bit ? source_element : 4;
+  // With 16-bit embeddings the loss casts the LM head to fp32 for the duration of the loss.
+  const int64_t lm_head_copy = job.embeddings_16bit && job.compute_dtype == "fp32" ? embedding_elements * 4 : 0;
+
+  int64_t adapter_elements = 0;
+  for (const auto& target : job.lora.resolved_targets()) {
+    for (const auto& linear : shard::block_linear_names()) {
+      if (linear.substr(linear.find('.') + 1) != target) continue;
+      const auto shape = config.expected_shape(shard::layer_prefix(0) + linear + ".weight");
+      const int64_t r = job.lora.for_module(shard::layer_prefix(0) + linear).r;
+      adapter_elements += r * (shape[0] + shape[1]);
+    }
+  }
+  adapter_elements *= layers;
+
+  const Activations checkpointed = activations(config, job, true, lm_head_copy);
+  const Activations full = activations(config, job, false, lm_head_copy);
+  const Activations& chosen = job.checkpointing ? checkpointed : full;
+
+  for (int rank = 0; rank < job.world; ++rank) {
+    RankPlan row;
+    row.rank = rank;
+    row.quantized_weights = quantized ? segment_bytes(rank) * layers : 0;
+    row.replicated_parameters = norm_elements * 4 + bias_elements * 4 +
+                                (quantized ? 0 : layers * block_linear_elements * source_element);
+    row.embeddings = embedding_elements * embedding_tensors * embedding_element;
+    row.adapters = adapter_elements * 4;
+    row.gradients = 2 * adapter_elements * 4;   // .grad plus the flat reduction buckets
+    row.optimizer_state = job.optimizer == "adamw" ? 2 * adapter_elements * 4 : 0;
+    row.gather_buffers = quantized && job.world > 1 ? std::max(1, job.gather_slots) * gathered : 0;
+    row.forward_activations = chosen.forward;
+    row.backward_activations = chosen.backward;
+    row.activations_checkpointed = std::max(checkpointed.forward, checkpointed.backward);
+    row.activations_full = std::max(full.forward, full.backward);
+    row.logits = chosen.logits;
+    row.resident = row.quantized_weights + row.replicated_parameters + row.embeddings + row.adapters + row.gradients +
+                   row.optimizer_state + row.gather_buffers;
+    row.peak = row.resident + std::max(chosen.forward, chosen.backward);
+    plan.peak_bytes = std::max(plan.peak_bytes, row.peak);
+    plan.ranks.push_back(row);
+  }
+  plan.required_bytes = plan.peak_bytes + job.overhead;
+  plan.fits = job.device_memory <= 0 || plan.required_bytes <= job.device_memory;
+
+  // Communication of one optimizer step, per rank: every micro-batch gathers each block in forward
+  // and again in backward (all but the blocks still in the pool); the adapters' gradients are
+  // all-reduced once (ring: 2 (N-1)/N of the bytes).
+  if (job.world > 1) {
+    const int64_t received_per_gather = quantized ? gathered - segment_bytes(0) : 0;
+    const int64_t backward_gathers = std::max<int64_t>(0, layers - std::max(1, job.gather_slots));
+    plan.gather_bytes_per_step = job.accumulation_steps * (layers + backward_gathers) * received_per_gather;
+    plan.reduce_bytes_per_step = 2 * (job.world - 1) * (adapter_elements * 4) / job.world;
+  }
+  return plan;
+}
+
+std::vector<FitPoint> fit_search(const std::string& model_name, const shard::ModelConfig& config, const PlanJob& job) {
+  std::vector<int64_t> lengths;
+  for (int64_t length = 256; length <= config.max_position_embeddings; length *= 2) lengths.push_back(length);
+  if (std::find(lengths.begin(), lengths.end(), job.sequence_length) == lengths.end())
+    lengths.push_back(job.sequence_length);
+  std::sort(lengths.begin(), lengths.end());
+  std::vector<FitPoint> points;
+  for (const int64_t length : lengths) {
+    PlanJob trial = job;
+    trial.sequence_length = length;
+    FitPoint point;
+    point.sequence_length = length;
+    // Peak grows monotonically with the micro-batch: double, then bisect.
+    auto fits = [&](int64_t batch) {
+      trial.micro_batch = batch;
+      const Plan plan = make_plan(model_name, config, trial);
+      if (plan.fits) point.peak_bytes = plan.peak_bytes;
+      return plan.fits;
+    };
+    if (!fits(1)) {
+      point.micro_batch = 0;
+      points.push_back(point);
+      continue;
+    }
+    int64_t good = 1, bad = 2;
+    while (bad <= (int64_t{1} << 20) && fits(bad)) {
+      good = bad;
+      bad *= 2;
+    }
+    while (bad - good > 1) {
+      const int64_t middle = (good + bad) / 2;
+      (fits(middle) ? good : bad) = middle;
+    }
+    fits(good);
+    point.micro_batch = good;
+    points.push_back(point);
+  }
+  return points;
+}
+
+namespace {
+std::string bytes_text(int64_t bytes) { return cluster::log::format_bytes(bytes); }
+
+struct Field {
+  const char* label;
+  int64_t RankPlan::*member;
+};
+const std::vector<Field>& fields() {
+  static const std::vector<Field> list = {
+      {"quantized weights (4-bit shard)", &RankPlan::quantized_weights},
+      {"replicated parameters", &RankPlan::replicated_parameters},
+      {"embeddings + LM head", &RankPlan::embeddings},
+      {"adapters", &RankPlan::adapters},
+      {"gradients (+ reduce buckets)", &RankPlan::gradients},
+      {"optimizer state", &RankPlan::optimizer_state},
+      {"gather buffers", &RankPlan::gather_buffers},
+      {"activations, forward peak", &RankPlan::forward_activations},
+      {"activations, backward peak", &RankPlan::backward_activations},
+      {"  of which logits chunk", &RankPlan::logits},
+      {"activations with checkpointing", &RankPlan::activations_checkpointed},
+      {"activations without checkpointing", &RankPlan::activations_full},
+      {"peak", &RankPlan::peak},
+  };
+  return list;
+}
+}  // namespace
+
+std::string format_plan(const Plan& plan) {
+  std::ostringstream out;
+  const auto& job = plan.job;
+  const auto& config = plan.config;
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "model %s: %lld layers, hidden %lld, intermediate %lld, heads %lld/%lld, vocab %lld, %.2f B parameters\n",
+                plan.model_name.c_str(), static_cast<long long>(config.num_hidden_layers),
+                static_cast<long long>(config.hidden_size), static_cast<long long>(config.intermediate_size),
+                static_cast<long long>(config.num_attention_heads), static_cast<long long>(config.num_key_value_heads),
+                static_cast<long long>(config.vocab_size), static_cast<double>(plan.parameters) / 1e9);
+  out << line;
+  std::snprintf(line, sizeof line,
+                "job: %d ranks on %d node(s), micro-batch %lld x %lld tokens, %lld accumulation step(s), LoRA r=%lld on %zu "
+                "projections, %s%s blocksize %lld, checkpointing %s, embeddings %s, optimizer %s, compute %s\n",
+                job.world, plan.nodes, static_cast<long long>(job.micro_batch),
+                static_cast<long long>(job.sequence_length), static_cast<long long>(job.accumulation_steps),
+                static_cast<long long>(job.lora.r), job.lora.resolved_targets().size(), job.quant.c_str(),
+                job.double_quant ? " + double quantization," : ",", static_cast<long long>(job.blocksize),
+                job.checkpointing ? "on" : "off", job.embeddings_16bit ? "16-bit" : "fp32", job.optimizer.c_str(),
+                job.compute_dtype.c_str());
+  out << line << "\n";
+
+  // Ranks differ only by their shard's rounding: show each rank for small jobs, min/max/mean otherwise.
+  const bool every_rank = plan.ranks.size() <= 4;
+  std::snprintf(line, sizeof line, "%-36s", "per rank");
+  out << line;
+  if (every_rank) {
+    for (const auto& row : plan.ranks) {
+      std::snprintf(line, sizeof line, "%12s", ("rank " + std::to_string(row.rank)).c_str());
+      out << line;
+    }
+  } else {
+    std::snprintf(line, sizeof line, "%12s%12s%12s", "min", "max", "mean");
+    out << line;
+  }
+  out << "\n";
+  for (const auto& field : fields()) {
+    std::snprintf(line, sizeof line, "%-36s", field.label);
+    out << line;
+    if (every_rank) {
+      for (const auto& row : plan.ranks) {
+        std::snprintf(line, sizeof line, "%12s", bytes_text(row.*field.member).c_str());
+        out << line;
+      }
+    } else {
+      int64_t low = INT64_MAX, high = 0;
+      double sum = 0;
+      for (const auto& row : plan.ranks) {
+        low = std::min(low, row.*field.member);
+        high = std::max(high, row.*field.member);
+        sum += static_cast<double>(row.*field.member);
+      }
+      std::snprintf(line, sizeof line, "%12s%12s%12s", bytes_text(low).c_str(), bytes_text(high).c_str(),
+                    bytes_text(static_cast<int64_t>(sum / static_cast<double>(plan.ranks.size()))).c_str());
+      out << line;
+    }
+    out << "\n";
+  }
+  out << "\n";
+  std::snprintf(line, sizeof line, "communication per rank and step: %s all-gathered 4-bit blocks, %s all-reduced gradients\n",
+                bytes_text(plan.gather_bytes_per_step).c_str(), bytes_text(plan.reduce_bytes_per_step).c_str());
+  out << line;
+  if (job.device_memory > 0) {
+    std::snprintf(line, sizeof line, "needs %s per rank (peak %s + overhead %s) of %s: %s\n",
+                  bytes_text(plan.required_bytes).c_str(), bytes_text(plan.peak_bytes).c_str(),
+                  bytes_text(job.overhead).c_str(), bytes_text(job.device_memory).c_str(),
+                  plan.fits ? "FITS" : "DOES NOT FIT");
+  } else {
+    std::snprintf(line, sizeof line, "needs %s per rank (peak %s + overhead %s); give --device-memory to check a fit\n",
+                  bytes_text(plan.required_bytes).c_str(), bytes_text(plan.peak_bytes).c_str(),
+                  bytes_text(job.overhead).c_str());
+  }
+  out << line;
+  return out.str();
+}
+
+std::string format_fit(const std::vector<FitPoint>& points, const Plan& plan) {
+  std::ostringstream out;
+  char line[256];
+  std::snprintf(line, sizeof line, "largest micro-batch per sequence length within %s per rank:\n",
+                cluster::log::format_bytes(plan.job.device_memory).c_str());
+  out << line;
+  std::snprintf(line, sizeof line, "%12s %12s %12s\n", "seq-len", "micro-batch", "peak");
+  out << line;
+  for (const auto& point : points) {
+    std::snprintf(line, sizeof line, "%12lld %12s %12s\n", static_cast<long long>(point.sequence_length),
+                  point.micro_batch > 0 ? std::to_string(point.micro_batch).c_str() : "none",
+                  point.micro_batch > 0 ? cluster::log::format_bytes(point.peak_bytes).c_str() : "-");
+    out << line;
+  }
+  return out.str();
+}
+
+shard::Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
+  shard::Json json;
+  json["model"] = plan.model_name;
+  json["config"] = plan.config.to_json();
+  shard::Json job;
+  job["world"] = plan.job.world;
+  job["nodes"] = plan.nodes;
+  job["gpus_per_node"] = plan.job.gpus_per_node;
+  job["micro_batch"] = plan.job.micro_batch;
+  job["sequence_length"] = plan.job.sequence_length;
+  job["accumulation_steps"] = plan.job.accumulation_steps;
+  job["lora_r"] = plan.job.lora.r;
+  job["quant"] = plan.job.quant;
+  job["blocksize"] = plan.job.blocksize;
+  job["double_quant"] = plan.job.double_quant;
+  job["checkpointing"] = plan.job.checkpointing;
+  job["embeddings_16bit"] = plan.job.embeddings_16bit;
+  job["optimizer"] = plan.job.optimizer;
+  job["compute_dtype"] = plan.job.compute_dtype;
+  json["job"] = job;
+  shard::Json::Array ranks;
+  for (const auto& row : plan.ranks) {
+    shard::Json entry;
+    entry["rank"] = row.rank;
+    entry["quantized_weights"] = row.quantized_weights;
+    entry["replicated_parameters"] = row.replicated_parameters;
+    entry["embeddings"] = row.embeddings;
+    entry["adapters"] = row.adapters;
+    entry["gradients"] = row.gradients;
+    entry["optimizer_state"] = row.optimizer_state;
+    entry["gather_buffers"] = row.gather_buffers;
+    entry["forward_activations"] = row.forward_activations;
+    entry["backward_activations"] = row.backward_activations;
+    entry["activations_checkpointed"] = row.activations_checkpointed;
+    entry["activations_full"] = row.activations_full;
+    entry["logits"] = row.logits;
+    entry["resident"] = row.resident;
+    entry["peak"] = row.peak;
+    ranks.push_back(entry);
+  }
+  json["per_rank"] = shard::Json(ranks);
+  json["parameters"] = plan.parameters;
+  json["quantized_store_bytes"] = plan.quantized_store_bytes;
+  json["gather_bytes_per_step"] = plan.gather_bytes_per_step;
+  json["reduce_bytes_per_step"] = plan.reduce_bytes_per_step;
+  json["communication_bytes_per_step"] = plan.gather_bytes_per_step + plan.reduce_bytes_per_step;
+  json["peak_bytes"] = plan.peak_bytes;
+  json["overhead_bytes"] = plan.job.overhead;
+  json["required_bytes"] = plan.required_bytes;
+  json["device_memory_bytes"] = plan.job.device_memory;
+  json["fits"] = plan.fits;
+  if (fit != nullptr) {
+    shard::Json::Array points;
+    for (const auto& point : *fit) {
+      shard::Json entry;
+      entry["sequence_length"] = point.sequence_length;
+      entry["micro_batch"] = point.micro_batch;
+      entry["peak_bytes"] = point.peak_bytes;
+      points.push_back(entry);
+    }
+    json["fit"] = shard::Json(points);
+  }
+  return json;
+}
+
+int64_t parse_byte_size(const std::string& text, const std::string& option) {
+  size_t consumed = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &consumed);
+  } catch (const std::exception&) {
+    consumed = 0;
+  }
+  std::string unit = text.substr(consumed);
+  static const std::map<std::string, double> units = {
+      {"", 1.0},          {"B", 1.0},       {"KB", 1e3},         {"MB", 1e6},         {"GB", 1e9},
+      {"TB", 1e12},       {"KiB", 1024.0},  {"MiB", 1048576.0},  {"GiB", 1073741824.0}, {"TiB", 1099511627776.0},
+      {"K", 1024.0},      {"M", 1048576.0}, {"G", 1073741824.0}, {"T", 1099511627776.0}};
+  auto found = units.find(unit);
+  if (consumed == 0 || found == units.end() || value < 0 || !std::isfinite(value))
+    throw UserError(option + ": '" + text + "' is not a size", "e.g. 80GiB, 24GB, 512MiB or a byte count");
+  return static_cast<int64_t>(std::llround(value * found->second));
+}
+
+}  // namespace qlora::launcher

@@ -1,0 +1,190 @@
+// The memory planner: preset shapes against published parameter counts, stored sizes against the
+// store's own arithmetic, and planned per-rank peaks against the counting allocator's measurements
+// of real training runs at world sizes 1, 2 and 4 and two sequence lengths.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "launcher/errors.h"
+#include "launcher/plan.h"
+#include "shard/json.h"
+#include "tests/support/test_support.h"
+
+namespace qlora {
+namespace {
+
+using launcher::make_plan;
+using launcher::PlanJob;
+using launcher::plan_preset;
+
+TEST(Plan, PresetsHaveThePublishedParameterCounts) {
+  EXPECT_EQ(plan_preset("llama-2-7b").parameter_count(), 6738415616);
+  EXPECT_EQ(plan_preset("llama-2-70b").parameter_count(), 68976648192);
+  EXPECT_EQ(plan_preset("llama-3-8b").parameter_count(), 8030261248);
+  EXPECT_EQ(plan_preset("llama-3-70b").parameter_count(), 70553706496);
+  EXPECT_EQ(plan_preset("llama-3.1-405b").parameter_count(), 405853388800);
+  EXPECT_EQ(plan_preset("mistral-7b").parameter_count(), 7241732096);
+  EXPECT_THROW(plan_preset("llama-9-1t"), UserError);
+}
+
+TEST(Plan, SeventyBillionStoreSizesMatchTheFacts) {
+  // FACTS: 68.45 B linear parameters -> NF4 codes 34.2 GB + absmax 4.3 GB (1.1 GB double-quantized).
+  PlanJob job;
+  job.world = 8;
+  const auto config = plan_preset("llama-2-70b");
+  const auto plain = make_plan("llama-2-70b", config, job);
+  EXPECT_NEAR(static_cast<double>(plain.quantized_store_bytes) / 1e9, 34.2 + 4.3, 0.1);
+  job.double_quant = true;
+  const auto doubled = make_plan("llama-2-70b", config, job);
+  EXPECT_NEAR(static_cast<double>(doubled.quantized_store_bytes) / 1e9, 34.2 + 1.1, 0.1);
+  // Every rank holds about 1/N of it.
+  for (const auto& rank : doubled.ranks)
+    EXPECT_NEAR(static_cast<double>(rank.quantized_weights), static_cast<double>(doubled.quantized_store_bytes) / 8.0,
+                0.001 * static_cast<double>(doubled.quantized_store_bytes) / 8.0);
+}
+
+TEST(Plan, MoreRanksLessWeightMoreFitAndCheckpointingSaves) {
+  const auto config = plan_preset("llama-3-70b");
+  PlanJob job;
+  job.device_memory = 80ll << 30;
+  job.compute_dtype = "bf16";
+  job.sequence_length = 4096;
+  job.world = 1;
+  const auto one = make_plan("llama-3-70b", config, job);
+  job.world = 8;
+  const auto eight = make_plan("llama-3-70b", config, job);
+  EXPECT_LT(eight.ranks[0].quantized_weights * 7, one.ranks[0].quantized_weights);
+  EXPECT_TRUE(eight.fits);
+  job.checkpointing = false;
+  const auto full = make_plan("llama-3-70b", config, job);
+  EXPECT_GT(full.ranks[0].activations_full, 4 * eight.ranks[0].activations_checkpointed);
+  EXPECT_FALSE(full.fits);
+  // The fit search's answer is consistent with the planner at that point and one past it.
+  job.checkpointing = true;
+  for (const auto& point : launcher::fit_search("llama-3-70b", config, job)) {
+    if (point.micro_batch == 0) continue;
+    PlanJob trial = job;
+    trial.sequence_length = point.sequence_length;
+    trial.micro_batch = point.micro_batch;
+    EXPECT_TRUE(make_plan("llama-3-70b", config, trial).fits) << point.sequence_length;
+    trial.micro_batch += 1;
+    EXPECT_FALSE(make_plan("llama-3-70b", config, trial).fits) << point.sequence_length;
+  }
+}
+
+TEST(Plan, ByteSizes) {
+  EXPECT_EQ(launcher::parse_byte_size("80GiB", "--device-memory"), 80ll << 30);
+  EXPECT_EQ(launcher::parse_byte_size("24GB", "--device-memory"), 24000000000ll);
+  EXPECT_EQ(launcher::parse_byte_size("1.5GiB", "--device-memory"), 3ll << 29);
+  EXPECT_EQ(launcher::parse_byte_size("4096", "--device-memory"), 4096);
+  EXPECT_THROW(launcher::parse_byte_size("80 parsecs", "--device-memory"), UserError);
+}
+
+shard::Json read_json(const std::string& path) {
+  std::ifstream file(path);
+  std::stringstream text;
+  text << file.rdbuf();
+  return shard::Json::parse(text.str());
+}
+
+// A model where weights, embeddings and activations all matter: GQA, untied head, 6 layers.
+std::string planner_store(const std::string& folder) {
+  const std::string config_path = folder + "/planner_config.json";
+  std::ofstream(config_path) << R"({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
+    "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 4096,
+    "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "tie_word_embeddings": false, "torch_dtype": "bfloat16"})";
+  const std::string store = folder + "/planner.h5";
+  std::string output;
+  const int code = testing_support::run_command(
+      testing_support::qlora_binary() + " convert --synthetic " + config_path + " --out " + store, &output);
+  EXPECT_EQ(code, 0) << output;
+  return store;
+}
+
+struct Measured {
+  int world;
+  int64_t sequence_length;
+};
+
+class PlanAgainstMeasurement : public ::testing::TestWithParam<Measured> {};
+
+TEST_P(PlanAgainstMeasurement, PeakPerRankWithinTenPercent) {
+  const auto [world, sequence_length] = GetParam();
+  const std::string folder = testing_support::shared_temp_dir(MPI_COMM_SELF);
+  static std::string store;
+  if (store.empty()) store = planner_store(folder);
+  const int64_t micro_batch = 2;
+  const std::string run = folder + "/plan-run-" + std::to_string(world) + "-" + std::to_string(sequence_length);
+  std::string output;
+  std::ostringstream command;
+  command << "mpirun -np " << world << " --oversubscribe --allow-run-as-root " << testing_support::qlora_binary()
+          << " train --model " << store << " --steps 2 --seq-len " << sequence_length << " --global-batch "
+          << micro_batch * world << " --lora-r 8 --eval-fraction 0 --progress lines --out " << run;
+  ASSERT_EQ(testing_support::run_command(command.str(), &output), 0) << output;
+  const auto measured = read_json(run + "/memory.json").at("ranks");
+  ASSERT_EQ(static_cast<int>(measured.size()), world);
+
+  PlanJob job;
+  job.world = world;
+  job.micro_batch = micro_batch;
+  job.sequence_length = sequence_length;
+  job.lora.r = 8;
+  job.source_dtype = "bfloat16";
+  const auto plan = make_plan(store, shard::read_config_file(folder + "/planner_config.json"), job);
+  for (int rank = 0; rank < world; ++rank) {
+    const auto& actual = measured.at(static_cast<size_t>(rank));
+    const auto& planned = plan.ranks[static_cast<size_t>(rank)];
+    const double peak = static_cast<double>(actual.at("peak_total_bytes").as_int());
+    EXPECT_NEAR(static_cast<double>(planned.peak), peak, 0.10 * peak)
+        << "rank " << rank << " of " << world << ", seq-len " << sequence_length;
+    // Stored state is arithmetic, not estimation: tight bounds.
+    EXPECT_NEAR(static_cast<double>(planned.quantized_weights),
+                static_cast<double>(actual.at("quantized_weights_bytes").as_int()), 64.0 * 7 * 6);
+    EXPECT_EQ(planned.adapters, actual.at("adapters_bytes").as_int());
+    EXPECT_EQ(planned.optimizer_state, actual.at("optimizer_state_bytes").as_int());
+    EXPECT_EQ(planned.gather_buffers, actual.at("gather_buffers_bytes").as_int());
+    const double forward = static_cast<double>(actual.at("forward_activation_peak_bytes").as_int());
+    const double backward = static_cast<double>(actual.at("backward_activation_peak_bytes").as_int());
+    EXPECT_NEAR(static_cast<double>(planned.forward_activations), forward, 0.15 * forward);
+    EXPECT_NEAR(static_cast<double>(planned.backward_activations), backward, 0.15 * backward);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldsAndLengths, PlanAgainstMeasurement,
+                         ::testing::Values(Measured{1, 128}, Measured{2, 128}, Measured{4, 128}, Measured{1, 512},
+                                           Measured{2, 512}, Measured{4, 512}),
+                         [](const auto& info) {
+                           return "world" + std::to_string(info.param.world) + "_seq" +
+                                  std::to_string(info.param.sequence_length);
+                         });
+
+TEST(PlanCommand, TableJsonAndErrors) {
+  std::string output;
+  const std::string binary = testing_support::qlora_binary();
+  ASSERT_EQ(testing_support::run_command(binary + " plan --model llama-2-70b --world 8 --device-memory 80GiB "
+                                                  "--seq-len 4096 --compute-dtype bf16 --json",
+                                         &output),
+            0)
+      << output;
+  const auto json = shard::Json::parse(output);
+  EXPECT_TRUE(json.at("fits").as_bool());
+  EXPECT_EQ(json.at("per_rank").size(), 8u);
+  EXPECT_GT(json.at("communication_bytes_per_step").as_int(), 0);
+
+  ASSERT_EQ(testing_support::run_command(binary + " plan --model llama-2-70b --world 2 --device-memory 24GiB --fit", &output), 0)
+      << output;
+  EXPECT_NE(output.find("DOES NOT FIT"), std::string::npos) << output;  // 2 x 24 GB needs offload
+  EXPECT_NE(output.find("largest micro-batch"), std::string::npos) << output;
+
+  EXPECT_EQ(testing_support::run_command(binary + " plan --model llama-9-1t", &output), 2);
+  EXPECT_NE(output.find("known presets"), std::string::npos) << output;
+  EXPECT_EQ(testing_support::run_command(binary + " plan --model llama-2-7b --device-memory lots", &output), 2);
+  EXPECT_NE(output.find("--device-memory"), std::string::npos) << output;
+  EXPECT_EQ(testing_support::run_command(binary + " plan --model llama-2-7b --fit", &output), 2);
+}
+
+}  // namespace
+}  // namespace qlora
