@@ -6,6 +6,7 @@
 
 #include <unistd.h>
 
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -17,6 +18,7 @@
 #include "launcher/errors.h"
 #include "launcher/evaluate.h"
 #include "launcher/plan.h"
+#include "launcher/report.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
 #include "shard/json.h"
@@ -95,6 +97,7 @@ std::string usage() {
          "  convert   write a 4-bit model store (model.h5) from a Hugging Face folder or a synthetic preset\n"
          "  eval      loss and perplexity of a model, with or without a PEFT adapter\n"
          "  inspect   print a model store and, with --world N, each rank's shard\n"
+         "  report    PNG plots (loss, learning rate, throughput, memory per rank) and report.md of a run folder\n"
          "\n"
          "`qlora <command> --help` lists a command's options.\n";
 }
@@ -265,7 +268,9 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
       ("keep-embeddings-16bit", po::value<bool>()->default_value(false)->implicit_value(true), "do not upcast embeddings / LM head")
       ("optimizer", po::value<std::string>()->default_value("adamw"), "adamw | sgd")
       ("compute-dtype", po::value<std::string>()->default_value("fp32"), "activation dtype: fp32 (this CPU runtime) | bf16")
-      ("gather-slots", po::value<int>()->default_value(2), "gathered 4-bit blocks kept in memory");
+      ("gather-slots", po::value<int>()->default_value(2), "gathered 4-bit blocks kept in memory")
+      ("offload-weights", po::value<bool>()->default_value(false)->implicit_value(true),
+       "keep the 4-bit shards in host memory (as FSDP CPU offload does); only gathered blocks use the device");
   po::options_description output_options("Output");
   output_options.add_options()
       ("help,h", "show this help")
@@ -329,6 +334,7 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
   job.optimizer = values["optimizer"].as<std::string>();
   job.compute_dtype = values["compute-dtype"].as<std::string>();
   job.gather_slots = values["gather-slots"].as<int>();
+  job.offload_weights = values["offload-weights"].as<bool>();
   if (job.lora.r < 1) throw UserError("--lora-r must be at least 1");
   if (job.accumulation_steps < 1) throw UserError("--accumulation-steps must be at least 1");
   if (job.world > 1 && job.quant != "none") {
@@ -353,6 +359,46 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
   return 0;
 }
 
+// ---- report --------------------------------------------------------------------------------------
+
+int run_report(const std::vector<std::string>& arguments, CommandContext& context) {
+  po::options_description options("qlora report options");
+  options.add_options()
+      ("help,h", "show this help")
+      ("run", po::value<std::string>(), "run folder written by qlora train --out")
+      ("out", po::value<std::string>()->default_value(""), "folder for report.md and the PNGs (default: RUN/report)");
+  po::positional_options_description positional;
+  positional.add("run", 1);
+  const auto values = parse(arguments, options, "report", &positional);
+  const std::string synopsis = "usage: qlora report runs/NAME [--out DIR]";
+  if (values.count("help") || !values.count("run")) {
+    print_help(synopsis, options);
+    if (!values.count("help")) throw UserError("no run folder given", synopsis);
+    return 0;
+  }
+  const std::string run_dir = values["run"].as<std::string>();
+  std::string out = values["out"].as<std::string>();
+  if (out.empty()) out = run_dir + "/report";
+  // Reading a few files is a one-process job; under mpirun the other ranks just wait for it.
+  run_collectively(context.communicator, [&] {
+    if (context.layout.rank != 0) return;
+    const auto start = std::chrono::steady_clock::now();
+    const RunRecord run = load_run(run_dir);
+    for (const auto& warning : run.warnings) cluster::log::warn(warning);
+    const ReportImages images = write_report(run, out);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::string written = "report.md";
+    for (const auto* image : {&images.loss, &images.throughput, &images.learning_rate, &images.memory})
+      if (!image->empty()) written += ", " + *image;
+    char line[400];
+    std::snprintf(line, sizeof line, "report: %zu steps (last loss %.4f), %zu evaluations, %zu ranks of memory -> %s/{%s} in %.2f s",
+                  run.steps.size(), run.steps.back().loss, run.evaluations.size(), run.memory.size(), out.c_str(),
+                  written.c_str(), seconds);
+    cluster::log::banner(line);
+  });
+  return 0;
+}
+
 // ---- eval ----------------------------------------------------------------------------------------
 
 int run_eval(const std::vector<std::string>& arguments, CommandContext& context) {
@@ -362,7 +408,7 @@ int run_eval(const std::vector<std::string>& arguments, CommandContext& context)
       ("help,h", "show this help")
       ("model", po::value<std::string>(), "4-bit model store")
       ("adapter", po::value<std::string>()->default_value(""), "PEFT adapter folder (qlora's runs/NAME/final or PEFT's)")
-      ("data", po::value<std::string>()->default_value(""), "text file or folder (default: the embedded excerpt)")
+      ("data", po::value<std::string>()->default_value(""), "text file, folder or HDF5 token file (default: the embedded excerpt)")
       ("seq-len", po::value<int64_t>()->default_value(eval.sequence_length), "tokens per window")
       ("windows", po::value<int64_t>()->default_value(eval.max_windows), "consecutive windows evaluated (at most)")
       ("micro-batch", po::value<int64_t>()->default_value(eval.micro_batch), "windows per forward on each rank")
@@ -397,7 +443,7 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   po::options_description data_options("Model and data");
   data_options.add_options()
       ("model", po::value<std::string>(), "4-bit model store (qlora convert); omitted: the embedded synthetic demo model")
-      ("data", po::value<std::string>(), "text file or folder of .txt files; omitted: the embedded Austen excerpt")
+      ("data", po::value<std::string>(), "text file, folder of .txt/.md files, or HDF5 token file; omitted: the embedded Austen excerpt")
       ("eval-data", po::value<std::string>(), "separate evaluation text (default: a held-out tail of --data)")
       ("eval-fraction", po::value<double>()->default_value(train.eval_fraction), "held-out share of --data for evaluation")
       ("out", po::value<std::string>()->default_value(train.out_dir), "run folder: metrics, memory report, adapter");

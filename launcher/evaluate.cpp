@@ -98,8 +98,10 @@ EvalResult run_evaluation(const EvalOptions& options, cluster::Communicator& com
     if (options.sequence_length < 2) throw UserError("--seq-len must be at least 2");
     if (options.max_windows < 1 || options.micro_batch < 1) throw UserError("--windows and --micro-batch must be positive");
     store = shard::ModelStore::open(options.model_path);
-    const auto text = options.data_path.empty() ? std::string(demo_text()) : read_text_source(options.data_path);
-    windows = std::make_unique<BatchSampler>(byte_tokens(text), options.sequence_length, 1, 0);
+  });
+  const auto tokens = load_data_tokens(options.data_path, *store, communicator, true);
+  run_collectively(communicator, [&] {
+    windows = std::make_unique<BatchSampler>(tokens, 0, tokens->size(), options.sequence_length, 1, 0);
     window_count = std::min(options.max_windows, windows->window_count()) / communicator.size() * communicator.size();
     if (window_count == 0)
       throw UserError("the evaluation text is too short for one window of --seq-len + 1 tokens per rank");

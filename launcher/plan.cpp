@@ -133,8 +133,10 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, bo
   Activations result;
   result.logits = logits_chunk;
   const int64_t final_norm = 2 * hidden_bytes;
-  const int64_t loss_forward = 2 * logits_chunk + lm_head_copy_bytes;
-  const int64_t loss_backward = hidden_bytes + 2 * logits_chunk + lm_head_copy_bytes;
+  // The loss forms its input gradient in forward (a chunk's logits and log-softmax at a time), so
+  // its backward only scales the saved gradient.
+  const int64_t loss_forward = 2 * logits_chunk + hidden_bytes + lm_head_copy_bytes;
+  const int64_t loss_backward = 2 * hidden_bytes;
   const int64_t saved = block_saved_for_backward(s, adapter_rows, dropout_inputs, mask_bytes, element);
   // Backward through one block. Two moments compete: the MLP's backward (every saved tensor of the
   // block plus hidden-sized gradient temporaries) and the attention's (the softmax output, its
@@ -253,13 +255,15 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
     RankPlan row;
     row.rank = rank;
     row.quantized_weights = quantized ? segment_bytes(rank) * layers : 0;
+    if (job.offload_weights) std::swap(row.quantized_weights, row.offloaded);
     row.replicated_parameters = norm_elements * 4 + bias_elements * 4 +
                                 (quantized ? 0 : layers * block_linear_elements * source_element);
     row.embeddings = embedding_elements * embedding_tensors * embedding_element;
     row.adapters = adapter_elements * 4;
     row.gradients = 2 * adapter_elements * 4;   // .grad plus the flat reduction buckets
     row.optimizer_state = job.optimizer == "adamw" ? 2 * adapter_elements * 4 : 0;
-    row.gather_buffers = quantized && job.world > 1 ? std::max(1, job.gather_slots) * gathered : 0;
+    row.gather_buffers =
+        quantized && (job.world > 1 || job.offload_weights) ? std::max(1, job.gather_slots) * gathered : 0;
     row.forward_activations = chosen.forward;
     row.backward_activations = chosen.backward;
     row.activations_checkpointed = std::max(checkpointed.forward, checkpointed.backward);
@@ -348,6 +352,7 @@ const std::vector<Field>& fields() {
       {"activations with checkpointing", &RankPlan::activations_checkpointed},
       {"activations without checkpointing", &RankPlan::activations_full},
       {"peak", &RankPlan::peak},
+      {"host memory (offloaded shards)", &RankPlan::offloaded},
   };
   return list;
 }
@@ -466,6 +471,7 @@ shard::Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
   job["embeddings_16bit"] = plan.job.embeddings_16bit;
   job["optimizer"] = plan.job.optimizer;
   job["compute_dtype"] = plan.job.compute_dtype;
+  job["offload_weights"] = plan.job.offload_weights;
   json["job"] = job;
   shard::Json::Array ranks;
   for (const auto& row : plan.ranks) {
@@ -485,6 +491,7 @@ shard::Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
     entry["logits"] = row.logits;
     entry["resident"] = row.resident;
     entry["peak"] = row.peak;
+    entry["offloaded"] = row.offloaded;
     ranks.push_back(entry);
   }
   json["per_rank"] = shard::Json(ranks);

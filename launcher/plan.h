@@ -33,6 +33,7 @@ struct PlanJob {
   std::string optimizer = "adamw";  // adamw (two fp32 moments) | sgd (no state)
   std::string compute_dtype = "fp32";  // activations: fp32 (this CPU runtime) or bf16
   int gather_slots = 2;
+  bool offload_weights = false;     // 4-bit shards live in host memory; only gathered blocks on the device
 };
 
 // Bytes of one rank, by kind. `peak` is the largest simultaneous total over a training step.
@@ -50,6 +51,7 @@ struct RankPlan {
   int64_t activations_checkpointed = 0;   // max(forward, backward) with checkpointing
   int64_t activations_full = 0;           // the same without checkpointing
   int64_t logits = 0;                 // the chunked LM-head loss's logits chunk (included above)
+  int64_t offloaded = 0;              // host bytes (4-bit shards with offload_weights), not in peak
   int64_t resident = 0;               // everything but activations
   int64_t peak = 0;                   // resident + activations of the configured mode
 };

@@ -225,31 +225,31 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
                       "pick a divisor of --global-batch / ranks");
     store = shard::ModelStore::open(options.model_path);
     check_world_fits(*store, world);
-    const shard::ModelConfig& config = store->header().config;
-    if (store->header().tokenizer != "bytes")
-      cluster::log::banner("note: the model's own tokenizer is not supported yet; training on byte-level tokens");
-    if (config.vocab_size < 256)
-      throw UserError("model vocabulary (" + std::to_string(config.vocab_size) +
-                      ") is smaller than the 256 byte-level tokens the data uses");
-    std::vector<int64_t> tokens =
-        byte_tokens(options.data_path.empty() ? std::string(demo_text()) : read_text_source(options.data_path));
-    std::vector<int64_t> eval_tokens;
-    if (!options.eval_data_path.empty()) {
-      eval_tokens = byte_tokens(read_text_source(options.eval_data_path));
+  });
+  // The data, tokenized by the model's own tokenizer (collective: rank 0 builds the token cache).
+  const auto tokens = load_data_tokens(options.data_path, *store, communicator, options.quiet);
+  const auto eval_tokens = options.eval_data_path.empty()
+                               ? nullptr
+                               : load_data_tokens(options.eval_data_path, *store, communicator, options.quiet);
+  run_collectively(communicator, [&] {
+    int64_t train_end = tokens->size();
+    if (eval_tokens) {
+      eval_windows = std::make_unique<BatchSampler>(eval_tokens, 0, eval_tokens->size(), options.sequence_length,
+                                                    options.global_batch, options.seed);
     } else if (options.eval_fraction > 0) {
-      const auto held_out = static_cast<size_t>(static_cast<double>(tokens.size()) * options.eval_fraction);
-      eval_tokens.assign(tokens.end() - static_cast<std::ptrdiff_t>(held_out), tokens.end());
-      tokens.resize(tokens.size() - held_out);
+      const auto held_out = static_cast<int64_t>(static_cast<double>(tokens->size()) * options.eval_fraction);
+      train_end -= held_out;
+      if (held_out > 0)
+        eval_windows = std::make_unique<BatchSampler>(tokens, train_end, tokens->size(), options.sequence_length,
+                                                      options.global_batch, options.seed);
     }
-    sampler = std::make_unique<BatchSampler>(std::move(tokens), options.sequence_length, options.global_batch,
+    sampler = std::make_unique<BatchSampler>(tokens, 0, train_end, options.sequence_length, options.global_batch,
                                              options.seed);
     if (sampler->token_count() < options.sequence_length + 2)
       throw UserError("the training text has " + std::to_string(sampler->token_count()) +
                           " tokens, fewer than --seq-len + 2",
                       "use more text or a shorter --seq-len");
-    if (!eval_tokens.empty()) {
-      eval_windows = std::make_unique<BatchSampler>(std::move(eval_tokens), options.sequence_length,
-                                                    options.global_batch, options.seed);
+    if (eval_windows) {
       eval_window_count = std::min(options.eval_batches * options.global_batch, eval_windows->window_count());
       if (eval_window_count < world)
         throw UserError("the evaluation text holds " + std::to_string(eval_windows->window_count()) +
@@ -272,7 +272,6 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     memory.adapters = cluster::MemoryCounter::current_bytes() - before;
     prepare::check_trainable(*model, result.preparation.method);
   });
-  const shard::ModelConfig& config = store->header().config;
   if (!options.banner.empty()) cluster::log::banner(options.banner);
   cluster::log::banner(result.preparation.summary());
   model->train();
@@ -416,7 +415,8 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
           std::max(memory.backward_activation_peak, cluster::MemoryCounter::peak_bytes() - resident);
       local_loss += loss.item<double>() / static_cast<double>(micro_steps);
     }
-    communication_seconds += reducer.finish_step();
+    const double reduce_wait_seconds = reducer.finish_step();
+    communication_seconds += reduce_wait_seconds;
     const double global_loss = communicator.all_reduce_scalar(local_loss, cluster::ReduceOp::average);
     // The reduced gradients are identical on every rank, so is their norm and the decision below.
     const double gradient_norm =
@@ -454,6 +454,8 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     line["tokens_per_second"] = tokens_per_step / step_seconds;
     line["step_seconds"] = step_seconds;
     line["gather_wait_seconds"] = model->gatherer().stats().wait_seconds - gather_wait_before;
+    line["reduce_wait_seconds"] = reduce_wait_seconds;
+    line["communication_seconds"] = reduce_wait_seconds + (model->gatherer().stats().wait_seconds - gather_wait_before);
     line["peak_bytes_rank0"] = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
     write_metrics(line);
     if (options.eval_every > 0 && (step + 1) % options.eval_every == 0 && step + 1 < options.steps)

@@ -1,4 +1,8 @@
-// The chunked LM-head cross-entropy as a custom autograd function.
+// The chunked LM-head cross-entropy as a custom autograd function. When a gradient will be needed,
+// forward already has each chunk's softmax in hand, so it forms d(loss)/d(hidden) there: the loss is
+// the graph's last node, its upstream gradient is a scalar, and backward only has to scale the saved
+// [rows, hidden] result. That saves one [rows, vocab] x [vocab, hidden] product per step (about 7% of
+// a SmolLM2-shaped step's FLOPs) and backward never touches the LM head.
 #include "model/chunked_loss.h"
 
 #include <algorithm>
@@ -10,45 +14,35 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
   static torch::Tensor forward(torch::autograd::AutogradContext* context, torch::Tensor hidden, torch::Tensor weight,
                                torch::Tensor targets, bool sum, int64_t chunk_rows) {
     TORCH_CHECK(!weight.requires_grad(), "chunked_cross_entropy: the LM head weight must be frozen");
+    const bool needs_gradient = hidden.requires_grad();
     const int64_t rows = hidden.size(0);
     const auto compute_weight = weight.to(hidden.scalar_type());
+    torch::Tensor grad_hidden = needs_gradient ? torch::empty_like(hidden) : torch::Tensor();
     double total = 0.0;
     for (int64_t begin = 0; begin < rows; begin += chunk_rows) {
       const int64_t count = std::min(chunk_rows, rows - begin);
-      auto logits = torch::matmul(hidden.narrow(0, begin, count), compute_weight.t());
-      total += torch::nn::functional::cross_entropy(
-                   logits, targets.narrow(0, begin, count),
-                   torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
-                   .item<double>();
+      auto chunk_targets = targets.narrow(0, begin, count).unsqueeze(1);
+      auto log_probabilities = torch::log_softmax(torch::matmul(hidden.narrow(0, begin, count), compute_weight.t()), -1);
+      total -= log_probabilities.gather(1, chunk_targets).sum().item<double>();
+      if (!needs_gradient) continue;
+      // d(sum of losses)/d(logits) = softmax - onehot(target), formed in place.
+      auto probabilities = log_probabilities.exp_();
+      probabilities.scatter_add_(1, chunk_targets, torch::full({count, 1}, -1.0, probabilities.options()));
+      grad_hidden.narrow(0, begin, count).copy_(torch::matmul(probabilities, compute_weight));
     }
-    context->save_for_backward({hidden, weight, targets});
+    context->save_for_backward({grad_hidden});
     context->saved_data["sum"] = sum;
-    context->saved_data["chunk_rows"] = chunk_rows;
+    context->saved_data["rows"] = rows;
     return torch::tensor(sum ? total : total / static_cast<double>(rows), hidden.options());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
                                                  torch::autograd::variable_list grad_outputs) {
-    const auto saved = context->get_saved_variables();
-    const auto& hidden = saved[0];
-    const auto compute_weight = saved[1].to(hidden.scalar_type());
-    const auto& targets = saved[2];
+    const auto grad_hidden = context->get_saved_variables()[0];
     const bool sum = context->saved_data["sum"].toBool();
-    const int64_t chunk_rows = context->saved_data["chunk_rows"].toInt();
-    const int64_t rows = hidden.size(0);
-    // d(loss)/d(logits) = softmax(logits) - onehot(target), scaled by the upstream gradient (and 1/rows).
-    const auto scale = grad_outputs[0] / (sum ? 1.0 : static_cast<double>(rows));
-    auto grad_hidden = torch::empty_like(hidden);
-    for (int64_t begin = 0; begin < rows; begin += chunk_rows) {
-      const int64_t count = std::min(chunk_rows, rows - begin);
-      auto probabilities = torch::softmax(torch::matmul(hidden.narrow(0, begin, count), compute_weight.t()), -1);
-      auto chunk_targets = targets.narrow(0, begin, count);
-      probabilities.scatter_add_(1, chunk_targets.unsqueeze(1),
-                                 torch::full({count, 1}, -1.0, probabilities.options()));
-      probabilities.mul_(scale);
-      grad_hidden.narrow(0, begin, count).copy_(torch::matmul(probabilities, compute_weight));
-    }
-    return {grad_hidden, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    const auto rows = static_cast<double>(context->saved_data["rows"].toInt());
+    const auto scale = grad_outputs[0] / (sum ? 1.0 : rows);
+    return {grad_hidden * scale, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 

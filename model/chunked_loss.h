@@ -1,7 +1,7 @@
 // Next-token cross-entropy of lm_head(hidden) computed a chunk of rows at a time, so the full
 // [tokens, vocab] logits (plus their softmax and gradient) never exist at once: for a 49K-token
-// vocabulary and 1K tokens that is 600 MB the loss no longer holds. Backward recomputes each chunk's
-// logits instead of keeping them. The LM head weight must be frozen (as it is under QLoRA).
+// vocabulary and 1K tokens that is 600 MB the loss no longer holds. When a gradient is needed,
+// forward also forms d(loss)/d(hidden) chunk by chunk. The LM head weight must be frozen (QLoRA).
 #pragma once
 
 #include <torch/torch.h>

@@ -16,6 +16,7 @@
 #include "kernels/nf4.h"
 #include "shard/gguf.h"
 #include "shard/safetensors.h"
+#include "shard/tokenizer.h"
 
 namespace qlora::shard {
 namespace {
@@ -192,6 +193,7 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
 
   ModelStoreWriter writer(out_path, header_for(config, options, std::filesystem::path(directory).filename().string(),
                                                "none"));
+  writer.add_tokenizer(tokenizer_from_hf_directory(directory));
   Fnv1a64 checksum;
   ConvertSummary summary;
   const auto names = config.tensor_names();
@@ -246,6 +248,7 @@ ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string
 
   ModelStoreWriter writer(out_path,
                           header_for(config, options, std::filesystem::path(gguf_path).filename().string(), "gguf"));
+  writer.add_tokenizer(tokenizer_from_gguf(*file));
   Fnv1a64 checksum;
   ConvertSummary summary;
   std::vector<uint8_t> reordered;

@@ -41,7 +41,8 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
 // A llama-architecture GGUF file (tensors F32, F16, BF16, Q8_0, Q4_0 or Q4_1). Block linears are
 // dequantized to fp32, their Q/K rows put back into Hugging Face order, and quantized when
 // options.quantize; every other tensor keeps its dtype when it is F32/F16/BF16 and is stored as
-// fp32 otherwise. The tokenizer stays in the GGUF file: the store's tokenizer attribute is "gguf".
+// fp32 otherwise. The tokenizer.* metadata is embedded as the store's /tokenizer (kind "gguf"); a Hugging
+// Face folder's tokenizer.json or tokenizer.model likewise (see tokenizer_from_hf_directory).
 ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string& out_path,
                                  const ConvertOptions& options, const ConvertProgress& progress = {});
 

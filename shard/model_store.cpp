@@ -4,6 +4,7 @@
 //   /tensors/<name>/absmax  float32 [blocks]
 //   /tensors/<name>/data    source dtype [numel]    (dense tensors; bf16/fp16 as uint16 bits)
 // Each tensor group carries shape (int64[]), dtype (string) and quantized (int).
+//   /tokenizer   uint8 [n]: the tokenizer's source bytes, attributes kind, bos_token, eos_token (optional)
 #include "shard/model_store.h"
 
 #include <hdf5.h>
@@ -153,6 +154,25 @@ void ModelStore::read_dense(const std::string& name, void* destination) const {
   bytes_read_ += static_cast<uint64_t>(stored.numel) * kernels::dtype_size(stored.dtype);
 }
 
+bool ModelStore::read_tokenizer(TokenizerSource* source) const {
+  const hid_t file = static_cast<hid_t>(file_);
+  if (H5Lexists(file, "/tokenizer", H5P_DEFAULT) <= 0) return false;
+  const std::string where = path_ + ": /tokenizer";
+  Handle dataset(H5Dopen2(file, "/tokenizer", H5P_DEFAULT), H5Dclose);
+  Handle space(H5Dget_space(dataset.get()), H5Sclose);
+  hsize_t length = 0;
+  if (!dataset.valid() || H5Sget_simple_extent_ndims(space.get()) != 1 ||
+      H5Sget_simple_extent_dims(space.get(), &length, nullptr) != 1)
+    throw FormatError(where + ": not a one-dimensional byte dataset");
+  source->kind = read_string_attribute(dataset.get(), "kind", where);
+  source->bos_token = has_attribute(dataset.get(), "bos_token") ? read_string_attribute(dataset.get(), "bos_token", where) : "";
+  source->eos_token = has_attribute(dataset.get(), "eos_token") ? read_string_attribute(dataset.get(), "eos_token", where) : "";
+  source->bytes.resize(static_cast<size_t>(length));
+  read_hyperslab(file, "/tokenizer", kernels::DType::u8, static_cast<int64_t>(length), 0, static_cast<int64_t>(length),
+                 source->bytes.data(), where);
+  return true;
+}
+
 uint64_t ModelStore::data_bytes() const {
   uint64_t total = 0;
   for (const auto& stored : tensors_) {
@@ -217,6 +237,19 @@ void ModelStoreWriter::add_dense(const std::string& name, const std::vector<int6
 }
 
 void ModelStoreWriter::set_source_checksum(const std::string& checksum) { header_.source_checksum = checksum; }
+
+void ModelStoreWriter::add_tokenizer(const TokenizerSource& source) {
+  if (source.kind.empty()) return;
+  const std::string where = path_ + ": /tokenizer";
+  Handle root(H5Gopen2(static_cast<hid_t>(file_), "/", H5P_DEFAULT), H5Gclose);
+  write_dataset(root.get(), "tokenizer", kernels::DType::u8, static_cast<int64_t>(source.bytes.size()),
+                source.bytes.data(), where);
+  Handle dataset(H5Dopen2(root.get(), "tokenizer", H5P_DEFAULT), H5Dclose);
+  write_string_attribute(dataset.get(), "kind", source.kind, where);
+  write_string_attribute(dataset.get(), "bos_token", source.bos_token, where);
+  write_string_attribute(dataset.get(), "eos_token", source.eos_token, where);
+  header_.tokenizer = source.kind;
+}
 
 void ModelStoreWriter::finish() {
   const hid_t file = static_cast<hid_t>(file_);

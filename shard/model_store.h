@@ -11,6 +11,7 @@
 #include "kernels/nf4.h"
 #include "shard/model_config.h"
 #include "shard/shard_plan.h"
+#include "shard/tokenizer.h"
 
 namespace qlora::shard {
 
@@ -24,7 +25,7 @@ struct StoreHeader {
   int64_t blocksize = 64;
   bool double_quant = false;
   std::string compute_dtype = "float32";
-  std::string tokenizer = "bytes";        // "bytes": token = byte value (synthetic models)
+  std::string tokenizer = "bytes";        // "bytes" (token = byte value), or the kind of /tokenizer
   std::string source = "";                // what the store was converted from
   std::string source_checksum = "";       // FNV-1a 64 over the source's tensor bytes, hex
 };
@@ -56,6 +57,9 @@ class ModelStore {
   // A whole unquantized tensor in its stored dtype (numel * dtype_size bytes).
   void read_dense(const std::string& name, void* destination) const;
 
+  // The embedded /tokenizer (docs/FORMAT.md); false when the store has none.
+  bool read_tokenizer(TokenizerSource* source) const;
+
   // Bytes of tensor data this reader has read so far (tests assert ranks read about total / N).
   uint64_t bytes_read() const { return bytes_read_; }
   // Total bytes of tensor data in the file (codes + absmax + dense tensors).
@@ -81,6 +85,9 @@ class ModelStoreWriter {
   void add_dense(const std::string& name, const std::vector<int64_t>& shape, kernels::DType dtype,
                  const void* data);
   void set_source_checksum(const std::string& checksum);
+  // Embeds the model's tokenizer as /tokenizer and sets the header's tokenizer to its kind; an empty
+  // kind embeds nothing.
+  void add_tokenizer(const TokenizerSource& source);
   void finish();
 
  private:
