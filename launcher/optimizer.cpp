@@ -57,4 +57,12 @@ double Schedule::at(int64_t step) const {
   return peak * (final_fraction + (1.0 - final_fraction) * cosine);
 }
 
+int64_t AdamW::state_bytes() const {
+  int64_t bytes = 0;
+  for (const auto* moments : {&first_moments_, &second_moments_})
+    for (const auto& moment : *moments)
+      if (moment.defined()) bytes += moment.numel() * static_cast<int64_t>(moment.element_size());
+  return bytes;
+}
+
 }  // namespace qlora::launcher

@@ -26,6 +26,8 @@ class AdamW {
   void zero_grad();
 
   int64_t steps_taken() const { return steps_taken_; }
+  // Bytes held by the moments (restored or created), for the memory report.
+  int64_t state_bytes() const;
   const std::vector<torch::Tensor>& first_moments() const { return first_moments_; }
   const std::vector<torch::Tensor>& second_moments() const { return second_moments_; }
   // Restores a saved state (moments as saved by first_moments()/second_moments()).

@@ -437,9 +437,9 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
       continue;
     }
     bad_steps_in_a_row = 0;
-    const int64_t before_step = cluster::MemoryCounter::current_bytes();
     optimizer.step(learning_rate);
-    if (!measured_step) memory.optimizer_state = cluster::MemoryCounter::current_bytes() - before_step;
+    // Counted from the moments themselves: after a resume they exist before the first step.
+    memory.optimizer_state = optimizer.state_bytes();
     measured_step = true;
     optimizer.zero_grad();
 

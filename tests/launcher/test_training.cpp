@@ -145,6 +145,10 @@ TEST(Training, ResumingFromACheckpointIsBitwiseIdenticalToNotStopping) {
     resumed_adapters = adapters_of(model);
   });
   EXPECT_EQ(second_half.first_step, 10);
+  // The restored moments are in the memory report too (two fp32 copies of the adapters).
+  EXPECT_GT(second_half.memory.optimizer_state, 0);
+  EXPECT_EQ(second_half.memory.optimizer_state, 2 * second_half.memory.adapters);
+  EXPECT_EQ(second_half.memory.optimizer_state, straight.memory.optimizer_state);
   std::vector<double> joined = first_half.losses;
   joined.insert(joined.end(), second_half.losses.begin(), second_half.losses.end());
   ASSERT_EQ(joined.size(), straight.losses.size());
