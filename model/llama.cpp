@@ -71,7 +71,7 @@ struct ReentrantBlockCheckpoint : public torch::autograd::Function<ReentrantBloc
     torch::Tensor output;
     {
       torch::AutoGradMode enable_grad(true);
-      output = model->run_block(index, hidden);
+      output = model->run_block(index, hidden, /*output_value_read=*/false);
     }
     if (index > 0) model->prefetch_block(index - 1);
     torch::autograd::backward({output}, {grad_outputs[0]});
@@ -104,7 +104,7 @@ struct NonReentrantBlockCheckpoint : public torch::autograd::Function<NonReentra
     torch::autograd::variable_list inputs;
     {
       torch::AutoGradMode enable_grad(true);
-      output = model->run_block(index, hidden);
+      output = model->run_block(index, hidden, /*output_value_read=*/false);
     }
     if (index > 0) model->prefetch_block(index - 1);
     if (hidden_requires_grad) inputs.push_back(hidden);
@@ -122,11 +122,19 @@ struct NonReentrantBlockCheckpoint : public torch::autograd::Function<NonReentra
 // backward: the weight exists only while one product needs it, and backward dequantizes it again
 // (grad_x = grad_y W; W is frozen, so x is not saved either).
 struct FrozenQuantizedLinear : public torch::autograd::Function<FrozenQuantizedLinear> {
+  // value_read = false returns zeros of the product's shape: for the last projection of a block
+  // recomputed only to back-propagate, the product's value reaches nothing, and skipping it saves a
+  // dequantization and a quarter of the recomputed block's FLOPs.
   static torch::Tensor forward(torch::autograd::AutogradContext* context, torch::Tensor x, int64_t block_address,
-                               int64_t tensor_index) {
+                               int64_t tensor_index, int64_t out_features, bool value_read) {
     auto* block = reinterpret_cast<DecoderBlockImpl*>(block_address);
     context->saved_data["block"] = block_address;
     context->saved_data["tensor"] = tensor_index;
+    if (!value_read) {
+      auto sizes = x.sizes().vec();
+      sizes.back() = out_features;
+      return torch::zeros(sizes, x.options());
+    }
     return torch::matmul(x, block->dequantize_weight(static_cast<size_t>(tensor_index)).t());
   }
 
@@ -136,7 +144,7 @@ struct FrozenQuantizedLinear : public torch::autograd::Function<FrozenQuantizedL
     const auto tensor_index = static_cast<size_t>(context->saved_data["tensor"].toInt());
     auto grad_input = torch::matmul(grad_outputs[0], block->dequantize_weight(tensor_index));
     block->prefetch_previous_block();
-    return {grad_input, torch::Tensor(), torch::Tensor()};
+    return {grad_input, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -235,8 +243,9 @@ torch::Tensor DecoderBlockImpl::dequantize_weight(size_t tensor_index) {
 }
 
 torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
-                                        at::Generator* dropout_generator) {
-  auto output = FrozenQuantizedLinear::apply(x, reinterpret_cast<int64_t>(this), static_cast<int64_t>(tensor_index));
+                                        at::Generator* dropout_generator, bool value_read) {
+  auto output = FrozenQuantizedLinear::apply(x, reinterpret_cast<int64_t>(this), static_cast<int64_t>(tensor_index),
+                                             linear_shapes_[tensor_index][0], value_read);
   auto bias = biases.find(name);
   if (bias != biases.end()) output = output + bias->second.to(output.scalar_type());
   auto adapter = adapters.find(name);
@@ -245,7 +254,8 @@ torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_i
 }
 
 torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const torch::Tensor& cos,
-                                        const torch::Tensor& sin, at::Generator* dropout_generator) {
+                                        const torch::Tensor& sin, at::Generator* dropout_generator,
+                                        bool output_value_read) {
   const int64_t batch = hidden.size(0);
   const int64_t sequence = hidden.size(1);
   const int64_t heads = config_.num_attention_heads;
@@ -272,7 +282,7 @@ torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const torch
   auto normed_mlp = rms_norm(after_attention, post_attention_layernorm, config_.rms_norm_eps).to(torch::kFloat);
   auto gate = project("gate_proj", 4, normed_mlp, dropout_generator);
   auto up = project("up_proj", 5, normed_mlp, dropout_generator);
-  auto mlp = project("down_proj", 6, torch::silu(gate) * up, dropout_generator);
+  auto mlp = project("down_proj", 6, torch::silu(gate) * up, dropout_generator, output_value_read);
   return after_attention + mlp;
 }
 
@@ -419,14 +429,14 @@ void LlamaModelImpl::ensure_rotary_tables(int64_t sequence_length) {
   rotary_sin_ = angles.sin();
 }
 
-torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidden) {
+torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidden, bool output_value_read) {
   const int64_t sequence = hidden.size(1);
   if (quantized_blocks_) gatherer_->acquire(index);
   auto generator = at::make_generator<at::CPUGeneratorImpl>(
       mix_seed(dropout_seed_ ^ mix_seed(index * 1000003ull + static_cast<uint64_t>(communicator_.rank()))));
   auto cos = rotary_cos_.narrow(0, 0, sequence);
   auto sin = rotary_sin_.narrow(0, 0, sequence);
-  return blocks_[index]->forward(hidden, cos, sin, &generator);
+  return blocks_[index]->forward(hidden, cos, sin, &generator, output_value_read);
 }
 
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {

@@ -30,8 +30,10 @@ class LlamaModelImpl;
 class DecoderBlockImpl : public torch::nn::Module {
  public:
   DecoderBlockImpl(const shard::ModelConfig& config, int64_t layer, kernels::QuantType quant_type);
+  // With output_value_read = false (a checkpointed block recomputed only for its graph) the down
+  // projection's frozen product, whose value nothing reads, is not computed: its backward still is.
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& cos, const torch::Tensor& sin,
-                        at::Generator* dropout_generator);
+                        at::Generator* dropout_generator, bool output_value_read = true);
   void add_lora(const LoraConfig& config, at::Generator& init_generator);
   void attach_gatherer(cluster::BlockGatherer* gatherer) { gatherer_ = gatherer; }
   // A new fp32 tensor holding projection `tensor_index` (block_linear_names order), dequantized from
@@ -56,7 +58,7 @@ class DecoderBlockImpl : public torch::nn::Module {
 
  private:
   torch::Tensor project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
-                        at::Generator* dropout_generator);
+                        at::Generator* dropout_generator, bool value_read = true);
   shard::ModelConfig config_;
   std::vector<std::vector<int64_t>> linear_shapes_;  // [out, in] per projection, block_linear_names order
   cluster::BlockGatherer* gatherer_ = nullptr;
@@ -107,7 +109,9 @@ class LlamaModelImpl : public torch::nn::Module {
   void set_dropout_seed(uint64_t seed) { dropout_seed_ = seed; }
 
   // Runs block `index` on `hidden` (gathering its weights); used by the checkpoint function.
-  torch::Tensor run_block(size_t index, const torch::Tensor& hidden);
+  // output_value_read = false: the caller only back-propagates through the result (checkpoint
+  // recomputation), so work that only feeds the value is skipped.
+  torch::Tensor run_block(size_t index, const torch::Tensor& hidden, bool output_value_read = true);
   void prefetch_block(size_t index) { gatherer_->prefetch(index); }
   size_t block_count() const { return blocks_.size(); }
   bool quantized_blocks() const { return quantized_blocks_; }
