@@ -272,7 +272,9 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
        "llama-3-8b, llama-3-70b, llama-3.1-405b, mistral-7b)")
       ("quant", po::value<std::string>(), "nf4 | fp4 | int8 | none (default: the store's, else nf4)")
       ("blocksize", po::value<int64_t>(), "quantization blocksize (default: the store's, else 64)")
-      ("double-quant", po::value<bool>(), "double quantization of absmax, 1|0 (default: the store's, else 0)");
+      ("double-quant", po::value<bool>(), "double quantization of absmax, 1|0 (default: the store's, else 0)")
+      ("keep-unquantized", po::value<std::string>(), "comma list of projections kept in 16 bits, e.g. down_proj "
+       "(default: the store's)");
   po::options_description job_options("Job");
   job_options.add_options()
       ("world", po::value<int>()->default_value(1), "ranks (GPUs) in the job")
@@ -329,6 +331,7 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
     job.quant = header.quant_method == "none" ? "none" : header.quant_method == "bnb-8bit" ? "int8" : header.quant_type;
     job.blocksize = header.blocksize;
     job.double_quant = header.double_quant;
+    job.keep_unquantized = split_list(header.unquantized_modules);
     job.source_dtype = kernels::dtype_name(store->tensor("model.embed_tokens.weight").dtype);
   } else {
     config = plan_preset(model);  // names the known presets
@@ -336,6 +339,7 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
   if (values.count("quant")) job.quant = values["quant"].as<std::string>();
   if (values.count("blocksize")) job.blocksize = values["blocksize"].as<int64_t>();
   if (values.count("double-quant")) job.double_quant = values["double-quant"].as<bool>();
+  if (values.count("keep-unquantized")) job.keep_unquantized = split_list(values["keep-unquantized"].as<std::string>());
   job.world = values["world"].as<int>();
   job.gpus_per_node = values["gpus-per-node"].as<int>();
   job.device_memory = parse_byte_size(values["device-memory"].as<std::string>(), "--device-memory");

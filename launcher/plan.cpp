@@ -204,9 +204,26 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
 
   // One block's layout is every block's: the same seven shapes, cut exactly as the runtime cuts them.
   std::vector<cluster::QuantizedTensorSpec> specs;
-  int64_t block_linear_elements = 0;
+  int64_t kept_linear_elements = 0;   // projections kept in 16 bits (then upcast by preparation)
+  for (const auto& module : job.keep_unquantized)
+    if (module.rfind("model.layers.", 0) == 0)
+      throw UserError("the planner assumes every block alike; '" + module + "' names one layer's module",
+                      "plan with projection names (e.g. down_proj) instead");
+  auto kept = [&](const std::string& linear) {
+    for (const auto& module : job.keep_unquantized) {
+      if (module == linear) return true;
+      if (linear.size() > module.size() && linear.compare(linear.size() - module.size(), module.size(), module) == 0 &&
+          linear[linear.size() - module.size() - 1] == '.')
+        return true;
+    }
+    return false;
+  };
   for (const auto& linear : shard::block_linear_names()) {
     const auto shape = config.expected_shape(shard::layer_prefix(0) + linear + ".weight");
+    if (!quantized || kept(linear)) {
+      kept_linear_elements += shape[0] * shape[1];
+      continue;
+    }
     shard::QuantGeometry geometry;
     geometry.numel = shape[0] * shape[1];
     geometry.code_bits = job.quant == "int8" ? 8 : 4;
@@ -217,13 +234,12 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
                           std::to_string(shard::max_world_for(geometry)) + ")",
                       "use fewer ranks, a smaller --blocksize, or no --double-quant");
     specs.push_back({linear, geometry, 0.0f});
-    block_linear_elements += geometry.numel;
   }
   const cluster::FlatShardLayout layout(specs, job.world);
-  auto segment_bytes = [&](int rank) { return layout.segment_bytes(rank); };
+  auto segment_bytes = [&](int rank) { return specs.empty() ? int64_t{0} : layout.segment_bytes(rank); };
   int64_t gathered = 0;
   for (int rank = 0; rank < job.world; ++rank) gathered += segment_bytes(rank);
-  plan.quantized_store_bytes = quantized ? gathered * layers : 0;
+  plan.quantized_store_bytes = gathered * layers;
 
   // Replicated state after preparation: norms (fp32), biases, the linears when unquantized.
   const int64_t hidden = config.hidden_size;
@@ -255,16 +271,16 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
   for (int rank = 0; rank < job.world; ++rank) {
     RankPlan row;
     row.rank = rank;
-    row.quantized_weights = quantized ? segment_bytes(rank) * layers : 0;
+    row.quantized_weights = segment_bytes(rank) * layers;
     if (job.offload_weights) std::swap(row.quantized_weights, row.offloaded);
     row.replicated_parameters = norm_elements * 4 + bias_elements * 4 +
-                                (quantized ? 0 : layers * block_linear_elements * source_element);
+                                layers * kept_linear_elements * 4;
     row.embeddings = embedding_elements * embedding_tensors * embedding_element;
     row.adapters = adapter_elements * 4;
     row.gradients = 2 * adapter_elements * 4;   // .grad plus the flat reduction buckets
     row.optimizer_state = job.optimizer == "adamw" ? 2 * adapter_elements * 4 : 0;
     row.gather_buffers =
-        quantized && (job.world > 1 || job.offload_weights) ? std::max(1, job.gather_slots) * gathered : 0;
+        gathered > 0 && (job.world > 1 || job.offload_weights) ? std::max(1, job.gather_slots) * gathered : 0;
     row.forward_activations = chosen.forward;
     row.backward_activations = chosen.backward;
     row.activations_checkpointed = std::max(checkpointed.forward, checkpointed.backward);
@@ -283,7 +299,7 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
   // and again in backward (all but the blocks still in the pool); the adapters' gradients are
   // all-reduced once (ring: 2 (N-1)/N of the bytes).
   if (job.world > 1) {
-    const int64_t received_per_gather = quantized ? gathered - segment_bytes(0) : 0;
+    const int64_t received_per_gather = gathered - segment_bytes(0);
     const int64_t backward_gathers = std::max<int64_t>(0, layers - std::max(1, job.gather_slots));
     plan.gather_bytes_per_step = job.accumulation_steps * (layers + backward_gathers) * received_per_gather;
     plan.reduce_bytes_per_step = 2 * (job.world - 1) * (adapter_elements * 4) / job.world;

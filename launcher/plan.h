@@ -33,7 +33,8 @@ struct PlanJob {
   std::string optimizer = "adamw";  // adamw (two fp32 moments) | sgd (no state)
   std::string compute_dtype = "fp32";  // activations: fp32 (this CPU runtime) or bf16
   int gather_slots = 2;
-  bool offload_weights = false;     // 4-bit shards live in host memory; only gathered blocks on the device
+  bool offload_weights = false;
+  std::vector<std::string> keep_unquantized;  // projection suffixes kept in 16 bits (e.g. down_proj)     // 4-bit shards live in host memory; only gathered blocks on the device
 };
 
 // Bytes of one rank, by kind. `peak` is the largest simultaneous total over a training step.

@@ -74,6 +74,23 @@ TEST(Plan, MoreRanksLessWeightMoreFitAndCheckpointingSaves) {
   }
 }
 
+TEST(Plan, KeptProjectionsMoveFromShardsToReplicatedFp32) {
+  const auto config = plan_preset("llama-2-7b");
+  PlanJob job;
+  job.world = 4;
+  const auto all_quantized = make_plan("llama-2-7b", config, job);
+  job.keep_unquantized = {"down_proj"};
+  const auto kept = make_plan("llama-2-7b", config, job);
+  const double down_elements = 32.0 * 4096 * 11008;
+  // NF4 blocksize 64: 0.5 + 4/64 bytes per element, a quarter of it per rank.
+  EXPECT_NEAR(static_cast<double>(all_quantized.ranks[0].quantized_weights - kept.ranks[0].quantized_weights),
+              down_elements * (0.5 + 4.0 / 64) / 4, 1e3);
+  EXPECT_EQ(kept.ranks[0].replicated_parameters - all_quantized.ranks[0].replicated_parameters,
+            static_cast<int64_t>(down_elements) * 4);
+  job.keep_unquantized = {"model.layers.3.mlp.down_proj"};
+  EXPECT_THROW(make_plan("llama-2-7b", config, job), UserError);
+}
+
 TEST(Plan, ByteSizes) {
   EXPECT_EQ(launcher::parse_byte_size("80GiB", "--device-memory"), 80ll << 30);
   EXPECT_EQ(launcher::parse_byte_size("24GB", "--device-memory"), 24000000000ll);
