@@ -36,6 +36,9 @@ class Communicator {
   virtual std::vector<std::string> gather_to_root(const std::string& record) = 0;
   // Ends every rank of the job with `exit_code` after a failure on this one.
   [[noreturn]] virtual void abort(int exit_code) = 0;
+  // Upper bound in seconds on one blocking wait for the other ranks (0: none); past it the job is
+  // aborted naming the call. Backends without a watchdog ignore it.
+  virtual void set_collective_timeout(double /*seconds*/) {}
 
   // Blocking forms. Backends override them when a blocking call is faster than wait(async) (MPI's
   // tuned blocking collectives beat its non-blocking ones by up to 2x here).

@@ -1,5 +1,7 @@
 // MPI implementation of Communicator. Averaging divides after the sum so every backend averages the
 // same way; counts above 2^31 bytes are rejected by an assert (MPI int counts), see DESIGN notes.
+// With more than one rank it owns a FaultWatchdog, and every blocking wait is bracketed for it, so a
+// lost rank or a wait past --collective-timeout aborts the job instead of hanging it.
 #include "cluster/mpi_communicator.h"
 
 #include <cassert>
@@ -7,6 +9,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
+
+#include "cluster/fault_watchdog.h"
 
 namespace qlora::cluster {
 
@@ -37,8 +41,9 @@ void check_mpi(int result, const char* call, MPI_Comm comm) {
 
 class MpiPending final : public PendingCollective {
  public:
-  MpiPending(MPI_Comm comm, float* scale_data, int64_t scale_count, float scale)
-      : comm_(comm), scale_data_(scale_data), scale_count_(scale_count), scale_(scale) {}
+  MpiPending(MPI_Comm comm, FaultWatchdog* watchdog, const char* call, float* scale_data, int64_t scale_count,
+             float scale)
+      : comm_(comm), watchdog_(watchdog), call_(call), scale_data_(scale_data), scale_count_(scale_count), scale_(scale) {}
   MPI_Request* request() { return &request_; }
   // MPI reads a non-blocking gather's count arrays until it completes, so they live here.
   std::vector<int> counts;
@@ -48,6 +53,7 @@ class MpiPending final : public PendingCollective {
   }
   void wait() override {
     if (done_) return;
+    CollectiveWait waiting(watchdog_, call_);
     check_mpi(MPI_Wait(&request_, MPI_STATUS_IGNORE), "MPI_Wait", comm_);
     finish();
   }
@@ -66,6 +72,8 @@ class MpiPending final : public PendingCollective {
       for (int64_t i = 0; i < scale_count_; ++i) scale_data_[i] *= scale_;
   }
   MPI_Comm comm_;
+  FaultWatchdog* watchdog_;
+  const char* call_;  // what a stuck wait() is reported as
   MPI_Request request_ = MPI_REQUEST_NULL;
   float* scale_data_;
   int64_t scale_count_;
@@ -79,6 +87,7 @@ class MpiCommunicator final : public Communicator {
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
+    if (size_ > 1) watchdog_ = std::make_unique<FaultWatchdog>(comm_, FaultWatchdogSettings::from_environment());
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -87,7 +96,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<PendingCollective> all_gather_async(const void* send, void* recv,
                                                       const std::vector<int64_t>& counts) override {
     assert(static_cast<int>(counts.size()) == size_);
-    auto pending = std::make_unique<MpiPending>(comm_, nullptr, 0, 1.0f);
+    auto pending = std::make_unique<MpiPending>(comm_, watchdog_.get(), "MPI_Wait (all-gather)", nullptr, 0, 1.0f);
     pending->counts.assign(size_, 0);
     pending->displacements.assign(size_, 0);
     int64_t offset = 0;
@@ -106,7 +115,8 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<PendingCollective> all_reduce_async(float* data, int64_t count, ReduceOp op) override {
     assert(count <= INT_MAX);
     const bool average = op == ReduceOp::average && size_ > 1;
-    auto pending = std::make_unique<MpiPending>(comm_, average ? data : nullptr, count, 1.0f / static_cast<float>(size_));
+    auto pending = std::make_unique<MpiPending>(comm_, watchdog_.get(), "MPI_Wait (all-reduce)",
+                                                average ? data : nullptr, count, 1.0f / static_cast<float>(size_));
     check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_, pending->request()),
               "MPI_Iallreduce", comm_);
     return pending;
@@ -125,6 +135,7 @@ class MpiCommunicator final : public Communicator {
       offset += counts[r];
       equal = equal && counts[r] == counts[0];
     }
+    CollectiveWait waiting(watchdog_.get(), equal ? "MPI_Allgather" : "MPI_Allgatherv");
     if (equal)
       check_mpi(MPI_Allgather(send, counts_int[rank_], MPI_BYTE, recv, counts_int[0], MPI_BYTE, comm_), "MPI_Allgather",
                 comm_);
@@ -136,6 +147,7 @@ class MpiCommunicator final : public Communicator {
 
   void all_reduce(float* data, int64_t count, ReduceOp op) override {
     assert(count <= INT_MAX);
+    CollectiveWait waiting(watchdog_.get(), "MPI_Allreduce");
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_), "MPI_Allreduce",
               comm_);
     if (op == ReduceOp::average && size_ > 1) {
@@ -146,13 +158,22 @@ class MpiCommunicator final : public Communicator {
 
   void broadcast(void* data, int64_t bytes, int root) override {
     assert(bytes <= INT_MAX);
+    CollectiveWait waiting(watchdog_.get(), "MPI_Bcast");
     check_mpi(MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_), "MPI_Bcast", comm_);
   }
 
-  void barrier() override { check_mpi(MPI_Barrier(comm_), "MPI_Barrier", comm_); }
+  void barrier() override {
+    CollectiveWait waiting(watchdog_.get(), "MPI_Barrier");
+    check_mpi(MPI_Barrier(comm_), "MPI_Barrier", comm_);
+  }
 
   std::vector<std::string> gather_to_root(const std::string& record) override {
+    CollectiveWait waiting(watchdog_.get(), "MPI_Gatherv (control records)");
     return gather_records_to_root(comm_, record);
+  }
+
+  void set_collective_timeout(double seconds) override {
+    if (watchdog_) watchdog_->set_collective_timeout(seconds);
   }
 
   [[noreturn]] void abort(int exit_code) override {
@@ -164,6 +185,7 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm comm_;
   int rank_ = 0;
   int size_ = 1;
+  std::unique_ptr<FaultWatchdog> watchdog_;  // with more than one rank
 };
 
 }  // namespace

@@ -7,12 +7,14 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
 #include <sstream>
 
+#include "cluster/fault_watchdog.h"
 #include "cluster/log.h"
 #include "cluster/memory.h"
 #include "launcher/errors.h"
@@ -509,7 +511,9 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
       ("check-every", po::value<int64_t>()->default_value(train.check_every),
        "compare adapter checksums across ranks every K steps (0: never)")
       ("threads", po::value<int>()->default_value(0), "compute threads per rank (0: cores / ranks on the node)")
-      ("backend", po::value<std::string>()->default_value("auto"), "collectives: auto | mpi | nccl");
+      ("backend", po::value<std::string>()->default_value("auto"), "collectives: auto | mpi | nccl")
+      ("collective-timeout", po::value<double>()->default_value(cluster::kDefaultCollectiveTimeoutSeconds),
+       "seconds one wait for the other ranks may take before the job is aborted (0: no bound)");
   po::options_description general("General");
   general.add_options()("help,h", "show this help")
       ("progress", po::value<std::string>()->default_value("auto"), "auto | bar | lines")("config", po::value<std::string>(), "INI file with any of these options");
@@ -585,6 +589,11 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   if (backend == "nccl")
     throw UserError("--backend nccl needs CUDA tensors, and this build trains on the CPU",
                     "use --backend mpi (or auto); the NCCL backend is compiled for GPU builds");
+  const double collective_timeout = values["collective-timeout"].as<double>();
+  if (!std::isfinite(collective_timeout) || collective_timeout < 0)
+    throw UserError("--collective-timeout must be 0 (no bound) or a positive number of seconds",
+                    "e.g. --collective-timeout 600");
+  context.communicator.set_collective_timeout(collective_timeout);
   if (train.lora.target_modules.empty()) throw UserError("--lora-targets is empty", "e.g. --lora-targets all-linear");
   validate_options(train, context.layout.world);
 

@@ -1,6 +1,7 @@
 // qlora on a real SLURM cluster: scripts/slurm_cluster brings up slurmctld and two slurmd "nodes" on
-// this host, and these tests run `srun --mpi=pmix qlora train` on one and on two nodes, the sbatch
-// template through a preemption signal, requeue and resume, and the sweep driver over `qlora plan`.
+// this host, and these tests run `srun --mpi=pmix qlora train` on one and on two nodes (also with a
+// rank killed mid-step), the sbatch template through a preemption signal, requeue and resume, and the
+// sweep driver over `qlora plan`.
 // Every command runs under `timeout`, and the cluster is stopped when the suite ends.
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -186,6 +187,45 @@ TEST_F(Slurm, SrunAcrossTwoNodesMatchesOneNode) {
     EXPECT_EQ(spread[index].first, reference[index].first);
     EXPECT_NEAR(spread[index].second, reference[index].second, 1e-6) << "step " << reference[index].first;
   }
+}
+
+// srun without --kill-on-bad-exit, one rank per node, rank 1 SIGKILLed mid-training. SLURM leaves
+// such a step running (before qlora's fault watchdog, rank 0 still waited in a collective 114 s
+// later); the watchdog sees rank 1's connection close and aborts the job, naming rank 1.
+TEST_F(Slurm, SrunWithoutKillOnBadExitEndsTheSurvivorOfAKilledRank) {
+  const std::string folder = shared_temp_dir();
+  const std::string out = folder + "/srun-killed-peer";
+  const std::string log = folder + "/srun-killed-peer.log";
+  const std::string body =
+      "timeout 90 srun -N 2 -n 2 --mpi=pmix " + qlora_binary() + " train --model " + synthetic_store("micro") +
+      " --steps 100000 --seq-len 32 --global-batch 4 --eval-fraction 0 --threads 1 --progress lines --out " + out +
+      " > " + log + " 2>&1 &\n"
+      "job=$!\n"
+      "for attempt in $(seq 1 600); do grep -q 'step    3/' " + log + " && break; sleep 0.1; done\n"
+      "for pid in $(pgrep -f " + out + "); do\n"
+      "  if tr '\\0' '\\n' < /proc/$pid/environ 2>/dev/null | grep -qx PMIX_RANK=1; then\n"
+      "    kill -KILL $pid && echo \"killed rank 1 (pid $pid)\"\n"
+      "  fi\n"
+      "done\n"
+      "signalled=$(date +%s.%N)\n"
+      "wait $job\n"
+      "status=$?\n"
+      "echo \"srun exit $status signalled=$signalled ended=$(date +%s.%N)\"\n";
+  std::string output;
+  ASSERT_EQ(run_script("srun_killed_peer", body, &output), 0) << output;
+  const std::string job_log = read_file(log);
+  ASSERT_TRUE(contains(output, "killed rank 1 (pid ")) << output << job_log;
+  const auto signalled_at = output.find("signalled=");
+  const auto ended_at = output.find("ended=");
+  ASSERT_NE(ended_at, std::string::npos) << output;
+  const double seconds = std::stod(output.substr(ended_at + 6)) - std::stod(output.substr(signalled_at + 10));
+  std::printf("srun, rank 1 killed: the step ended %.2f s later\n", seconds);
+  EXPECT_LT(seconds, 60.0) << output << job_log;
+  EXPECT_FALSE(contains(output, "srun exit 0 ")) << output << job_log;
+  EXPECT_FALSE(contains(output, "srun exit 124 ")) << output << job_log;  // timeout, not the watchdog, ended it
+  EXPECT_TRUE(contains(job_log, "[rank 0] error: lost rank 1 (pid ")) << job_log;
+  // Rank 0 exits with 3 from MPI_Abort, unless SLURM's step kill (which that abort asks for) comes first.
+  EXPECT_TRUE(contains(job_log, "task 0: Exited with exit code 3") || contains(job_log, "task 0: Killed")) << job_log;
 }
 
 // mpirun inside a batch job starts its daemons with srun, one per node, so every rank inherits its
