@@ -139,10 +139,11 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, bo
   result.logits = logits_chunk;
   const int64_t final_norm = 2 * hidden_bytes;
   // The loss forms its input gradient in forward (a chunk's logits and log-softmax at a time), so
-  // its backward only scales the saved gradient. Over several ranks it also holds the gathered
-  // hidden states and one chunk's share of the gradient.
-  const int64_t loss_forward = 2 * logits_chunk + hidden_bytes + lm_head_copy_bytes +
-                               (world > 1 ? world * hidden_bytes + chunk_rows * s.hidden * element : 0);
+  // its backward only scales the saved gradient. Over several ranks it exponentiates the logits in
+  // place (one chunk, not two) but holds the gathered hidden states and a chunk's share of the gradient.
+  const int64_t loss_forward =
+      hidden_bytes + lm_head_copy_bytes +
+      (world > 1 ? logits_chunk + world * hidden_bytes + 2 * chunk_rows * s.hidden * element : 2 * logits_chunk);
   // The embedding lookup over several ranks: every rank's rows, then this rank's copy.
   const int64_t embedding_lookup = world > 1 ? (world + 1) * hidden_bytes : hidden_bytes;
   const int64_t loss_backward = 2 * hidden_bytes;
@@ -244,7 +245,9 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
                                                       config.head_dim
                                                 : 0;
   // Embedding and LM head: each rank holds its slice of the vocabulary's rows.
-  auto embedding_elements = [&](int rank) { return shard::vocab_range(config.vocab_size, rank, job.world).rows() * hidden; };
+  auto embedding_elements = [&](int rank) {
+    return shard::vocab_range(config.vocab_size, rank, job.world).rows() * hidden;
+  };
   const int64_t embedding_tensors = config.tie_word_embeddings ? 1 : 2;
   const int64_t embedding_element = job.embeddings_16bit ? source_element : 4;
   // With 16-bit embeddings the loss casts the LM head slice to fp32 for the duration of the loss.

@@ -10,8 +10,6 @@
 
 #include <algorithm>
 
-#include "shard/shard_plan.h"
-
 namespace qlora::model {
 namespace {
 
@@ -78,17 +76,18 @@ struct VocabParallelCrossEntropy : public torch::autograd::Function<VocabParalle
     double total = 0.0;
     for (int64_t begin = 0; begin < all_hidden.size(0); begin += chunk_rows) {
       const int64_t count = std::min(chunk_rows, all_hidden.size(0) - begin);
-      auto shifted = torch::matmul(all_hidden.narrow(0, begin, count), compute_weight.t());
-      auto row_max = shifted.amax(1).contiguous();
+      auto logits = torch::matmul(all_hidden.narrow(0, begin, count), compute_weight.t());
+      auto row_max = logits.amax(1).contiguous();
       communicator.all_reduce(row_max.data_ptr<float>(), count, cluster::ReduceOp::max);
-      shifted.sub_(row_max.unsqueeze(1));
       // The target's logit comes from the one rank whose slice holds it; the others add zero.
       const auto chunk_targets = all_targets.narrow(0, begin, count);
       const auto owned = chunk_targets.ge(vocab_begin).logical_and(chunk_targets.lt(vocab_begin + slice_rows));
-      const auto local_index = (chunk_targets - vocab_begin).clamp(0, slice_rows - 1).unsqueeze(1);
-      auto exponentials = shifted.exp();
-      auto statistics = torch::stack(
-          {exponentials.sum(1), shifted.gather(1, local_index).squeeze(1).masked_fill(owned.logical_not(), 0.0)});
+      const auto local_index = (chunk_targets - vocab_begin).clamp(0, slice_rows - 1);
+      const auto target_shifted =
+          (logits.gather(1, local_index.unsqueeze(1)).squeeze(1) - row_max).masked_fill_(owned.logical_not(), 0.0);
+      // exp(logit - max) in place: the chunk's only [rows, slice] tensor.
+      auto exponentials = logits.sub_(row_max.unsqueeze(1)).exp_();
+      auto statistics = torch::stack({exponentials.sum(1), target_shifted});
       communicator.all_reduce(statistics.data_ptr<float>(), statistics.numel(), cluster::ReduceOp::sum);
       const auto exp_sums = statistics[0];
       // This rank's own rows within the chunk.
@@ -99,10 +98,13 @@ struct VocabParallelCrossEntropy : public torch::autograd::Function<VocabParalle
         total -= log_probabilities.narrow(0, mine_begin - begin, mine_count).sum().item<double>();
       }
       if (!needs_gradient) continue;
-      // This rank's share of d(sum of losses)/d(hidden): (softmax slice - onehot slice) @ weight slice.
-      auto probabilities = exponentials.div_(exp_sums.unsqueeze(1));
-      probabilities.scatter_add_(1, local_index, owned.to(probabilities.scalar_type()).neg().unsqueeze(1));
-      auto partial = torch::matmul(probabilities, compute_weight).contiguous();
+      // This rank's share of d(sum of losses)/d(hidden) = (softmax slice - onehot slice) @ weight slice,
+      // formed as (exp @ weight) / exp sum minus the target rows this rank holds, so that no further
+      // pass over the [rows, slice] tensor is needed.
+      auto partial = torch::matmul(exponentials, compute_weight).div_(exp_sums.unsqueeze(1));
+      const auto owned_rows = owned.nonzero().squeeze(1);
+      partial.index_add_(0, owned_rows, compute_weight.index_select(0, local_index.index_select(0, owned_rows)).neg());
+      partial = partial.contiguous();
       communicator.all_reduce(partial.data_ptr<float>(), partial.numel(), cluster::ReduceOp::sum);
       if (mine_count > 0)
         grad_hidden.narrow(0, mine_begin - own_begin, mine_count).copy_(partial.narrow(0, mine_begin - begin, mine_count));
@@ -142,6 +144,24 @@ torch::Tensor all_gather_rows(const torch::Tensor& local, cluster::Communicator&
   auto gathered = torch::empty(sizes, contiguous.options());
   communicator.all_gather(contiguous.data_ptr(), gathered.data_ptr(), byte_counts);
   return gathered;
+}
+
+torch::Tensor vocab_parallel_embedding(const torch::Tensor& weight_slice, const shard::VocabRange& vocab,
+                                       const torch::Tensor& tokens, cluster::Communicator& communicator) {
+  if (communicator.size() == 1) return torch::embedding(weight_slice, tokens).to(torch::kFloat);
+  // -0.0 where this rank does not hold the row: it is the exact identity of IEEE addition, so the
+  // all-reduced sum is bitwise the owning rank's row.
+  int64_t own_begin = 0;
+  const auto all_tokens = all_gather_rows(tokens.reshape({-1}).to(torch::kLong), communicator, &own_begin);
+  const auto owned = all_tokens.ge(vocab.begin).logical_and(all_tokens.lt(vocab.end));
+  auto rows = torch::embedding(weight_slice, (all_tokens - vocab.begin).clamp(0, vocab.rows() - 1))
+                  .to(torch::kFloat)
+                  .contiguous();
+  rows.masked_fill_(owned.logical_not().unsqueeze(1), -0.0);
+  communicator.all_reduce(rows.data_ptr<float>(), rows.numel(), cluster::ReduceOp::sum);
+  auto sizes = tokens.sizes().vec();
+  sizes.push_back(weight_slice.size(1));
+  return rows.narrow(0, own_begin, tokens.numel()).clone().view(sizes);
 }
 
 torch::Tensor vocab_parallel_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight_slice,

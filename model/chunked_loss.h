@@ -2,7 +2,8 @@
 // [tokens, vocab] logits (plus their softmax and gradient) never exist at once: for a 49K-token
 // vocabulary and 1K tokens that is 600 MB the loss no longer holds. When a gradient is needed,
 // forward also forms d(loss)/d(hidden) chunk by chunk. The LM head weight must be frozen (QLoRA).
-// The vocabulary-parallel form does the same when each rank holds only a slice of the LM head's rows.
+// The vocabulary-parallel forms do the same when each rank holds only a slice of the LM head's rows,
+// and look up input embeddings from row slices.
 #pragma once
 
 #include <torch/torch.h>
@@ -10,6 +11,7 @@
 #include <cstdint>
 
 #include "cluster/communicator.h"
+#include "shard/shard_plan.h"
 
 namespace qlora::model {
 
@@ -31,6 +33,13 @@ torch::Tensor vocab_parallel_cross_entropy(const torch::Tensor& hidden, const to
                                            int64_t vocab_begin, int64_t vocab_size, const torch::Tensor& targets,
                                            cluster::Communicator& communicator, bool sum = false,
                                            int64_t chunk_rows = 0);
+
+// The input embedding's rows for this rank's `tokens` (int64, any shape) as fp32 [..., hidden], when
+// this rank holds rows `vocab` of the embedding (`weight_slice`). Collective: every rank gathers the
+// rows it holds for every rank's tokens and the ranks' contributions are summed (all-reduce), which
+// reproduces one rank's lookup bitwise. One rank: a plain lookup, no collective.
+torch::Tensor vocab_parallel_embedding(const torch::Tensor& weight_slice, const shard::VocabRange& vocab,
+                                       const torch::Tensor& tokens, cluster::Communicator& communicator);
 
 // Every rank's rows of `local` (a contiguous [rows, ...] fp32 or int64 tensor; the row count may
 // differ between ranks), concatenated in rank order; `offset` receives where this rank's rows start.

@@ -492,26 +492,9 @@ torch::Tensor LlamaModelImpl::next_token_loss(const torch::Tensor& tokens, const
                                       config_.vocab_size, targets.reshape({-1}), communicator_, sum);
 }
 
-torch::Tensor LlamaModelImpl::embed(const torch::Tensor& tokens) {
-  if (communicator_.size() == 1) return torch::embedding(embed_tokens, tokens).to(torch::kFloat);
-  // Each rank looks up, for every rank's tokens, the rows it holds and leaves -0.0 elsewhere; -0.0 is
-  // the exact identity of IEEE addition, so the all-reduced sum is bitwise the owning rank's row.
-  int64_t own_begin = 0;
-  const auto all_tokens = all_gather_rows(tokens.reshape({-1}).to(torch::kLong), communicator_, &own_begin);
-  const auto owned = all_tokens.ge(vocab_range_.begin).logical_and(all_tokens.lt(vocab_range_.end));
-  auto rows = torch::embedding(embed_tokens, (all_tokens - vocab_range_.begin).clamp(0, vocab_range_.rows() - 1))
-                  .to(torch::kFloat)
-                  .contiguous();
-  rows.masked_fill_(owned.logical_not().unsqueeze(1), -0.0);
-  communicator_.all_reduce(rows.data_ptr<float>(), rows.numel(), cluster::ReduceOp::sum);
-  auto sizes = tokens.sizes().vec();
-  sizes.push_back(config_.hidden_size);
-  return rows.narrow(0, own_begin, tokens.numel()).clone().view(sizes);
-}
-
 torch::Tensor LlamaModelImpl::final_hidden(const torch::Tensor& tokens) {
   ensure_rotary_tables(tokens.size(1));
-  auto hidden = embed(tokens);
+  auto hidden = vocab_parallel_embedding(embed_tokens, vocab_range_, tokens, communicator_);
   if (input_require_grads_) hidden.requires_grad_(true);
   const int64_t model_address = reinterpret_cast<int64_t>(this);
   for (size_t index = 0; index < blocks_.size(); ++index) {

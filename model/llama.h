@@ -138,8 +138,6 @@ class LlamaModelImpl : public torch::nn::Module {
 
  private:
   void ensure_rotary_tables(int64_t sequence_length);
-  // fp32 [batch, seq, hidden] rows of the input embedding for `tokens`, summed over the ranks' slices.
-  torch::Tensor embed(const torch::Tensor& tokens);
 
   shard::ModelConfig config_;
   shard::StoreHeader header_;
