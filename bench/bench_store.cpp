@@ -1,8 +1,8 @@
 // The model store on this machine: conversion throughput (GB/s of safetensors source) for a
 // synthetic Hugging Face checkpoint of realistic size (~1.1 GB bf16: 12 Llama layers, hidden 2048),
 // the disk's sequential read bandwidth with the file's pages dropped from the cache, and the time
-// each rank takes to load its shard under mpirun -np 1, 2 and 4 against (replicated + quantized / N)
-// bytes at that bandwidth. Prints the figures and writes bench/results/store.json.
+// each rank takes to load its shard under mpirun -np 1, 2 and 4 against (replicated + (quantized +
+// embedding / LM head rows) / N) bytes at that bandwidth. Prints the figures and writes bench/results/store.json.
 //
 // Usage: bench_store [--dir FOLDER] [--mpirun PATH]    (parent: runs everything)
 //        bench_store --load STORE --report FILE          (one mpirun child: timed load on each rank)
@@ -245,11 +245,16 @@ int run_all(const std::string& folder, const std::string& mpirun, const std::str
   results["cold_read_measurably_slower"] = cold_seconds > 1.5 * warm_seconds;
 
   auto store = shard::ModelStore::open(store_path);
-  uint64_t replicated = 0, quantized = 0;
-  for (const auto& tensor : store->tensors())
-    (tensor.quantized ? quantized : replicated) +=
+  // Replicated: read whole by every rank; sharded: the quantized tensors and the embedding / LM head
+  // rows, of which a rank reads about 1/N.
+  uint64_t replicated = 0, quantized = 0, vocabulary = 0;
+  for (const auto& tensor : store->tensors()) {
+    const bool vocabulary_rows = tensor.name == "model.embed_tokens.weight" || tensor.name == "lm_head.weight";
+    (tensor.quantized ? quantized : vocabulary_rows ? vocabulary : replicated) +=
         tensor.quantized ? tensor.geometry.stored_bytes() : tensor.numel * kernels::dtype_size(tensor.dtype);
+  }
   results["replicated_bytes"] = static_cast<int64_t>(replicated);
+  results["vocabulary_bytes"] = static_cast<int64_t>(vocabulary);
   results["quantized_bytes"] = static_cast<int64_t>(quantized);
   shard::Json::Array loads;
   for (int world : {1, 2, 4}) {
@@ -270,11 +275,12 @@ int run_all(const std::string& folder, const std::string& mpirun, const std::str
       slowest_warm = std::max(slowest_warm, value.as_double());
     for (const auto& value : measured.at("bytes_read_per_rank").as_array())
       most_bytes = std::max(most_bytes, value.as_double());
-    const double expected_bytes = static_cast<double>(replicated) + static_cast<double>(quantized) / world;
+    const double sharded = static_cast<double>(quantized + vocabulary) / world;
+    const double expected_bytes = static_cast<double>(replicated) + sharded;
     const double at_cold_bandwidth = expected_bytes / (cold_gbps * 1e9);
-    std::printf("load np%d: slowest rank %.3f s cold, %.3f s warm; reads %.1f MB (replicated %.1f MB + quantized/N "
-                "%.1f MB; file/N %.1f MB), %.3f s at the cold read bandwidth\n",
-                world, slowest, slowest_warm, most_bytes / 1e6, replicated / 1e6, quantized / 1e6 / world,
+    std::printf("load np%d: slowest rank %.3f s cold, %.3f s warm; reads %.1f MB (replicated %.1f MB + "
+                "(quantized + vocabulary rows)/N %.1f MB; file/N %.1f MB), %.3f s at the cold read bandwidth\n",
+                world, slowest, slowest_warm, most_bytes / 1e6, replicated / 1e6, sharded / 1e6,
                 store_bytes / 1e6 / world, at_cold_bandwidth);
     measured["world"] = static_cast<int64_t>(world);
     measured["slowest_rank_seconds"] = slowest;

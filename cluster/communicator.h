@@ -9,7 +9,8 @@
 
 namespace qlora::cluster {
 
-enum class ReduceOp { sum, average };
+// max serves the vocabulary-parallel softmax (each rank holds a slice of every row's logits).
+enum class ReduceOp { sum, average, max };
 
 // A collective in flight. wait() completes it (and applies averaging for all-reduce).
 class PendingCollective {

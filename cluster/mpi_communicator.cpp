@@ -39,6 +39,9 @@ void check_mpi(int result, const char* call, MPI_Comm comm) {
   std::abort();
 }
 
+// Averaging is a sum followed by a scale (see the file comment).
+MPI_Op mpi_op(ReduceOp op) { return op == ReduceOp::max ? MPI_MAX : MPI_SUM; }
+
 class MpiPending final : public PendingCollective {
  public:
   MpiPending(MPI_Comm comm, FaultWatchdog* watchdog, const char* call, float* scale_data, int64_t scale_count,
@@ -117,7 +120,8 @@ class MpiCommunicator final : public Communicator {
     const bool average = op == ReduceOp::average && size_ > 1;
     auto pending = std::make_unique<MpiPending>(comm_, watchdog_.get(), "MPI_Wait (all-reduce)",
                                                 average ? data : nullptr, count, 1.0f / static_cast<float>(size_));
-    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_, pending->request()),
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, mpi_op(op), comm_,
+                             pending->request()),
               "MPI_Iallreduce", comm_);
     return pending;
   }
@@ -148,7 +152,7 @@ class MpiCommunicator final : public Communicator {
   void all_reduce(float* data, int64_t count, ReduceOp op) override {
     assert(count <= INT_MAX);
     CollectiveWait waiting(watchdog_.get(), "MPI_Allreduce");
-    check_mpi(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_), "MPI_Allreduce",
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(count), MPI_FLOAT, mpi_op(op), comm_), "MPI_Allreduce",
               comm_);
     if (op == ReduceOp::average && size_ > 1) {
       const float scale = 1.0f / static_cast<float>(size_);

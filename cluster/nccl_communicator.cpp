@@ -78,7 +78,7 @@ class NcclCommunicator final : public Communicator {
 
   std::unique_ptr<PendingCollective> all_reduce_async(float* data, int64_t count, ReduceOp op) override {
     check_nccl(ncclAllReduce(data, data, static_cast<size_t>(count), ncclFloat,
-                             op == ReduceOp::average ? ncclAvg : ncclSum, comm_, stream_),
+                             op == ReduceOp::average ? ncclAvg : op == ReduceOp::max ? ncclMax : ncclSum, comm_, stream_),
                "ncclAllReduce");
     return record();
   }

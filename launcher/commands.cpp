@@ -237,16 +237,22 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
   }
   const int world = values["world"].as<int>();
   if (world > 0) {
-    out << "\nshard plan for " << world << " ranks (bytes of codes + absmax (+ nested absmax) each rank holds; "
-        << "replicated tensors are held whole by every rank):\n";
+    out << "\nshard plan for " << world << " ranks (bytes each rank holds: codes + absmax (+ nested absmax) of the "
+        << "quantized tensors, its vocabulary rows of the embedding and LM head; the other unquantized tensors are "
+           "held whole by every rank):\n";
     check_world_fits(*store, world);
     std::vector<int64_t> totals(world, 0);
     for (const auto& tensor : store->tensors()) {
-      if (!tensor.quantized) continue;
+      const bool vocabulary_rows = tensor.name == "model.embed_tokens.weight" || tensor.name == "lm_head.weight";
+      if (!tensor.quantized && !vocabulary_rows) continue;
       std::snprintf(row, sizeof row, "  %-48s", tensor.name.c_str());
       out << row;
       for (int rank = 0; rank < world; ++rank) {
-        const int64_t bytes = shard::shard_bytes(tensor.geometry, shard::shard_range(tensor.geometry, rank, world));
+        const int64_t bytes =
+            tensor.quantized
+                ? shard::shard_bytes(tensor.geometry, shard::shard_range(tensor.geometry, rank, world))
+                : shard::vocab_range(header.config.vocab_size, rank, world).rows() * (tensor.numel / tensor.shape[0]) *
+                      static_cast<int64_t>(kernels::dtype_size(tensor.dtype));
         totals[rank] += bytes;
         std::snprintf(row, sizeof row, " %10lld", static_cast<long long>(bytes));
         out << row;

@@ -129,14 +129,23 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, bo
   }
 
   const int64_t hidden_bytes = s.tokens * s.hidden * element;
-  const int64_t chunk_rows = std::min(s.tokens, model::default_chunk_rows(config.vocab_size));
-  const int64_t logits_chunk = chunk_rows * config.vocab_size * element;
+  // Over several ranks the loss runs every rank's rows (gathered) against this rank's vocabulary
+  // slice, a chunk sized for the largest slice at a time.
+  const int64_t world = job.world;
+  const int64_t largest_slice = shard::vocab_range(config.vocab_size, 0, job.world).rows();
+  const int64_t chunk_rows = std::min(world * s.tokens, model::default_chunk_rows(largest_slice));
+  const int64_t logits_chunk = chunk_rows * largest_slice * element;
   Activations result;
   result.logits = logits_chunk;
   const int64_t final_norm = 2 * hidden_bytes;
   // The loss forms its input gradient in forward (a chunk's logits and log-softmax at a time), so
-  // its backward only scales the saved gradient.
-  const int64_t loss_forward = 2 * logits_chunk + hidden_bytes + lm_head_copy_bytes;
+  // its backward only scales the saved gradient. Over several ranks it exponentiates the logits in
+  // place (one chunk, not two) but holds the gathered hidden states and a chunk's share of the gradient.
+  const int64_t loss_forward =
+      hidden_bytes + lm_head_copy_bytes +
+      (world > 1 ? logits_chunk + world * hidden_bytes + 2 * chunk_rows * s.hidden * element : 2 * logits_chunk);
+  // The embedding lookup over several ranks: every rank's rows, then this rank's copy.
+  const int64_t embedding_lookup = world > 1 ? (world + 1) * hidden_bytes : hidden_bytes;
   const int64_t loss_backward = 2 * hidden_bytes;
   const int64_t saved = block_saved_for_backward(s, adapter_rows, dropout_inputs, mask_bytes, element);
   // Backward through one block. Two moments compete: the MLP's backward (every saved tensor of the
@@ -150,12 +159,12 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, bo
                (3 * s.scores + 4 * s.tokens * s.intermediate - 4 * hidden_elements) * element);
   if (checkpointing) {
     const int64_t kept_inputs = layers * hidden_bytes;
-    result.forward = std::max(kept_inputs + block_peak_without_grad(s, largest_weight, mask_bytes, element),
-                              kept_inputs + hidden_bytes + final_norm + loss_forward);
+    result.forward = std::max({kept_inputs + block_peak_without_grad(s, largest_weight, mask_bytes, element),
+                               kept_inputs + hidden_bytes + final_norm + loss_forward, embedding_lookup});
     result.backward = std::max(kept_inputs + final_norm + loss_backward, kept_inputs + hidden_bytes + block_backward);
   } else {
     const int64_t kept = hidden_bytes + layers * saved;
-    result.forward = kept + std::max(largest_weight * element, final_norm + loss_forward);
+    result.forward = std::max(kept + std::max(largest_weight * element, final_norm + loss_forward), embedding_lookup);
     result.backward = kept + final_norm + std::max(loss_backward, block_backward - saved);
   }
   return result;
@@ -192,6 +201,10 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
   if (job.compute_dtype != "fp32" && job.compute_dtype != "bf16")
     throw UserError("--compute-dtype '" + job.compute_dtype + "' is not known", "use fp32 or bf16");
   if (job.blocksize < 16 || job.blocksize % 2 != 0) throw UserError("--blocksize must be an even number >= 16");
+  if (job.world > config.vocab_size)
+    throw UserError("--world " + std::to_string(job.world) + " is more ranks than the vocabulary's " +
+                        std::to_string(config.vocab_size) + " rows (embedding and LM head are split over the ranks)",
+                    "use at most " + std::to_string(config.vocab_size) + " ranks");
   Plan plan;
   plan.model_name = model_name;
   plan.config = config;
@@ -247,11 +260,14 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
   int64_t bias_elements = config.attention_bias ? layers * (config.num_attention_heads + 2 * config.num_key_value_heads) *
                                                       config.head_dim
                                                 : 0;
-  const int64_t embedding_elements = config.vocab_size * hidden;
+  // Embedding and LM head: each rank holds its slice of the vocabulary's rows.
+  auto embedding_elements = [&](int rank) {
+    return shard::vocab_range(config.vocab_size, rank, job.world).rows() * hidden;
+  };
   const int64_t embedding_tensors = config.tie_word_embeddings ? 1 : 2;
   const int64_t embedding_element = job.embeddings_16bit ? source_element : 4;
-  // With 16-bit embeddings the loss casts the LM head to fp32 for the duration of the loss.
-  const int64_t lm_head_copy = job.embeddings_16bit && job.compute_dtype == "fp32" ? embedding_elements * 4 : 0;
+  // With 16-bit embeddings the loss casts the LM head slice to fp32 for the duration of the loss.
+  const int64_t lm_head_copy = job.embeddings_16bit && job.compute_dtype == "fp32" ? embedding_elements(0) * 4 : 0;
 
   int64_t adapter_elements = 0;
   for (const auto& target : job.lora.resolved_targets()) {
@@ -275,7 +291,7 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
     if (job.offload_weights) std::swap(row.quantized_weights, row.offloaded);
     row.replicated_parameters = norm_elements * 4 + bias_elements * 4 +
                                 layers * kept_linear_elements * 4;
-    row.embeddings = embedding_elements * embedding_tensors * embedding_element;
+    row.embeddings = embedding_elements(rank) * embedding_tensors * embedding_element;
     row.adapters = adapter_elements * 4;
     row.gradients = 2 * adapter_elements * 4;   // .grad plus the flat reduction buckets
     row.optimizer_state = job.optimizer == "adamw" ? 2 * adapter_elements * 4 : 0;
@@ -303,6 +319,15 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
     const int64_t backward_gathers = std::max<int64_t>(0, layers - std::max(1, job.gather_slots));
     plan.gather_bytes_per_step = job.accumulation_steps * (layers + backward_gathers) * received_per_gather;
     plan.reduce_bytes_per_step = 2 * (job.world - 1) * (adapter_elements * 4) / job.world;
+    // The vocabulary-parallel embedding and loss, per micro-batch of T tokens a rank: all-gathers of
+    // every rank's token ids, hidden states and targets ((N-1) T of each), and ring all-reduces over
+    // all N T rows of the embedding rows and the loss gradient (fp32 [N T, hidden] each) and of the
+    // row statistics (max, exp sum, target logit: 3 floats a row).
+    const int64_t tokens = job.micro_batch * job.sequence_length;
+    const int64_t others = job.world - 1;
+    const int64_t gathered_bytes = others * tokens * (8 + hidden * 4 + 8);
+    const int64_t all_reduced_bytes = 2 * others * tokens * (2 * hidden * 4 + 3 * 4);
+    plan.vocab_parallel_bytes_per_step = job.accumulation_steps * (gathered_bytes + all_reduced_bytes);
   }
   return plan;
 }
@@ -435,8 +460,11 @@ std::string format_plan(const Plan& plan) {
     out << "\n";
   }
   out << "\n";
-  std::snprintf(line, sizeof line, "communication per rank and step: %s all-gathered 4-bit blocks, %s all-reduced gradients\n",
-                bytes_text(plan.gather_bytes_per_step).c_str(), bytes_text(plan.reduce_bytes_per_step).c_str());
+  std::snprintf(line, sizeof line,
+                "communication per rank and step: %s all-gathered 4-bit blocks, %s all-reduced gradients, %s "
+                "vocabulary-parallel embedding and loss\n",
+                bytes_text(plan.gather_bytes_per_step).c_str(), bytes_text(plan.reduce_bytes_per_step).c_str(),
+                bytes_text(plan.vocab_parallel_bytes_per_step).c_str());
   out << line;
   if (job.device_memory > 0) {
     std::snprintf(line, sizeof line, "needs %s per rank (peak %s + overhead %s) of %s: %s\n",
@@ -516,7 +544,9 @@ shard::Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
   json["quantized_store_bytes"] = plan.quantized_store_bytes;
   json["gather_bytes_per_step"] = plan.gather_bytes_per_step;
   json["reduce_bytes_per_step"] = plan.reduce_bytes_per_step;
-  json["communication_bytes_per_step"] = plan.gather_bytes_per_step + plan.reduce_bytes_per_step;
+  json["vocab_parallel_bytes_per_step"] = plan.vocab_parallel_bytes_per_step;
+  json["communication_bytes_per_step"] =
+      plan.gather_bytes_per_step + plan.reduce_bytes_per_step + plan.vocab_parallel_bytes_per_step;
   json["peak_bytes"] = plan.peak_bytes;
   json["overhead_bytes"] = plan.job.overhead;
   json["required_bytes"] = plan.required_bytes;

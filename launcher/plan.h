@@ -42,7 +42,7 @@ struct RankPlan {
   int rank = 0;
   int64_t quantized_weights = 0;
   int64_t replicated_parameters = 0;  // norms, biases (and the linears when unquantized)
-  int64_t embeddings = 0;             // input embeddings + LM head (once when tied)
+  int64_t embeddings = 0;             // this rank's vocabulary rows of input embeddings + LM head (once when tied)
   int64_t adapters = 0;
   int64_t gradients = 0;              // adapter gradients + the reduction buckets
   int64_t optimizer_state = 0;
@@ -67,6 +67,7 @@ struct Plan {
   int64_t quantized_store_bytes = 0;    // codes + absmax (+ second level) of every block linear
   int64_t gather_bytes_per_step = 0;    // received by one rank
   int64_t reduce_bytes_per_step = 0;    // sent by one rank (ring all-reduce)
+  int64_t vocab_parallel_bytes_per_step = 0;  // embedding lookup and loss across the vocabulary slices
   int64_t peak_bytes = 0;               // largest rank's peak
   int64_t required_bytes = 0;           // peak + overhead
   bool fits = true;

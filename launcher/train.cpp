@@ -133,6 +133,12 @@ std::atomic<int> g_stop_signal{0};
 }  // namespace
 
 void check_world_fits(const shard::ModelStore& store, int world) {
+  const int64_t vocab = store.header().config.vocab_size;
+  if (world > vocab)
+    throw UserError("world size " + std::to_string(world) + " is larger than the vocabulary of " +
+                        std::to_string(vocab) + " tokens in " + store.path() +
+                        " (the embedding and LM head rows are split over the ranks, at least one each)",
+                    "run with at most " + std::to_string(vocab) + " ranks");
   for (const auto& tensor : store.tensors()) {
     if (!tensor.quantized) continue;
     const int64_t limit = shard::max_world_for(tensor.geometry);

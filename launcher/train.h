@@ -69,8 +69,8 @@ struct TrainResult {
   std::vector<std::pair<int64_t, double>> eval_losses;  // (step, loss)
 };
 
-// Throws UserError when `world` exceeds the quantization blocks of some tensor (a rank would hold
-// nothing of it), naming the tensor and the largest world that fits.
+// Throws UserError when `world` exceeds the vocabulary (embedding rows) or the quantization blocks
+// of some tensor (a rank would hold nothing of it), naming it and the largest world that fits.
 void check_world_fits(const shard::ModelStore& store, int world);
 
 // Throws UserError for options that cannot work (checked identically on every rank); the model

@@ -34,6 +34,16 @@ torch::Tensor read_dense_tensor(const shard::ModelStore& store, const std::strin
   return tensor;
 }
 
+// Rows `range` of a [vocab, hidden] tensor, read as one hyperslab.
+torch::Tensor read_vocab_rows(const shard::ModelStore& store, const std::string& name, const shard::VocabRange& range) {
+  const shard::StoredTensor& stored = store.tensor(name);
+  auto shape = stored.shape;
+  shape[0] = range.rows();
+  auto tensor = torch::empty(shape, torch::TensorOptions().dtype(torch_dtype(stored.dtype)));
+  store.read_dense_rows(name, range.begin, range.end, tensor.data_ptr());
+  return tensor;
+}
+
 // splitmix64: decorrelates the (seed, block, rank) triple into a generator seed.
 uint64_t mix_seed(uint64_t value) {
   value += 0x9e3779b97f4a7c15ull;
@@ -298,12 +308,19 @@ LlamaModelImpl::LlamaModelImpl(const shard::ModelStore& store, cluster::Communic
   quantized_blocks_ = false;
   for (const auto& stored : store.tensors()) quantized_blocks_ = quantized_blocks_ || stored.quantized;
 
-  embed_tokens = register_parameter("embed_tokens", read_dense_tensor(store, "model.embed_tokens.weight"), false);
-  final_norm = register_parameter("norm", read_dense_tensor(store, "model.norm.weight"), false);
+  if (config_.vocab_size < world)
+    throw ModelError("the vocabulary of " + std::to_string(config_.vocab_size) + " tokens cannot be split over " +
+                     std::to_string(world) + " ranks (each rank holds at least one embedding row); use at most " +
+                     std::to_string(config_.vocab_size) + " ranks");
+  vocab_range_ = shard::vocab_range(config_.vocab_size, rank, world);
+  embed_tokens =
+      register_parameter("embed_tokens", read_vocab_rows(store, "model.embed_tokens.weight", vocab_range_), false);
   if (config_.tie_word_embeddings)
     lm_head = embed_tokens;
   else
-    lm_head = register_parameter("lm_head", read_dense_tensor(store, "lm_head.weight"), false);
+    lm_head = register_parameter("lm_head", read_vocab_rows(store, "lm_head.weight", vocab_range_), false);
+  load_memory_.embeddings = cluster::MemoryCounter::current_bytes() - memory_at_start;
+  final_norm = register_parameter("norm", read_dense_tensor(store, "model.norm.weight"), false);
 
   std::vector<cluster::FlatShardLayout> layouts;
   std::vector<torch::Tensor> segments;
@@ -440,17 +457,44 @@ torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidde
 }
 
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {
-  return torch::linear(final_hidden(tokens), lm_head.to(torch::kFloat));
+  auto hidden = final_hidden(tokens);
+  if (communicator_.size() == 1) return torch::linear(hidden, lm_head.to(torch::kFloat));
+  TORCH_CHECK(!(hidden.requires_grad() && torch::GradMode::is_enabled()),
+              "full logits over several ranks are not differentiable: train with next_token_loss");
+  // Every rank's rows times this rank's slice, then every rank's slice of this rank's rows.
+  int64_t own_begin = 0;
+  const auto all_hidden = all_gather_rows(hidden.detach().reshape({-1, hidden.size(-1)}), communicator_, &own_begin);
+  const auto slice_logits = torch::matmul(all_hidden, lm_head.to(torch::kFloat).t()).contiguous();
+  const int world = communicator_.size();
+  const int64_t total_rows = all_hidden.size(0);
+  std::vector<int64_t> byte_counts;
+  for (int r = 0; r < world; ++r)
+    byte_counts.push_back(total_rows * shard::vocab_range(config_.vocab_size, r, world).rows() *
+                          static_cast<int64_t>(sizeof(float)));
+  auto every_slice = torch::empty({total_rows * config_.vocab_size}, torch::kFloat);
+  communicator_.all_gather(slice_logits.data_ptr(), every_slice.data_ptr(), byte_counts);
+  std::vector<torch::Tensor> own_columns;
+  const int64_t own_rows = hidden.numel() / hidden.size(-1);
+  for (int r = 0; r < world; ++r) {
+    const auto range = shard::vocab_range(config_.vocab_size, r, world);
+    own_columns.push_back(every_slice.narrow(0, total_rows * range.begin, total_rows * range.rows())
+                              .view({total_rows, range.rows()})
+                              .narrow(0, own_begin, own_rows));
+  }
+  auto sizes = hidden.sizes().vec();
+  sizes.back() = config_.vocab_size;
+  return torch::cat(own_columns, 1).view(sizes);
 }
 
 torch::Tensor LlamaModelImpl::next_token_loss(const torch::Tensor& tokens, const torch::Tensor& targets, bool sum) {
   auto hidden = final_hidden(tokens);
-  return chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), lm_head, targets.reshape({-1}), sum);
+  return vocab_parallel_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), lm_head, vocab_range_.begin,
+                                      config_.vocab_size, targets.reshape({-1}), communicator_, sum);
 }
 
 torch::Tensor LlamaModelImpl::final_hidden(const torch::Tensor& tokens) {
   ensure_rotary_tables(tokens.size(1));
-  auto hidden = torch::embedding(embed_tokens, tokens).to(torch::kFloat);
+  auto hidden = vocab_parallel_embedding(embed_tokens, vocab_range_, tokens, communicator_);
   if (input_require_grads_) hidden.requires_grad_(true);
   const int64_t model_address = reinterpret_cast<int64_t>(this);
   for (size_t index = 0; index < blocks_.size(); ++index) {

@@ -1,7 +1,9 @@
 // The Llama-family decoder on LibTorch: each rank holds its 4-bit shard of every block's linear
 // weights, gathers a block just before it runs (prefetching the next one), dequantizes each linear
-// into a temporary fp32 weight, and adds LoRA on the targeted projections. Norms, embeddings and LM
-// head are replicated in their stored dtype until the preparation protocol upcasts them.
+// into a temporary fp32 weight, and adds LoRA on the targeted projections. Norms are replicated in
+// their stored dtype until the preparation protocol upcasts them; the input embedding and LM head are
+// row-sharded over the vocabulary (each rank holds a balanced slice of rows, shard::vocab_range), so
+// the lookup and the loss combine the ranks' slices with collectives (none on one rank).
 #pragma once
 
 #include <torch/torch.h>
@@ -77,13 +79,18 @@ class LlamaModelImpl : public torch::nn::Module {
   // Reads the replicated tensors and this rank's shard of every quantized one from `store`.
   LlamaModelImpl(const shard::ModelStore& store, cluster::Communicator& communicator, int gather_slots = 2);
 
-  // tokens: int64 [batch, seq] -> logits fp32 [batch, seq, vocab].
+  // tokens: int64 [batch, seq] -> logits fp32 [batch, seq, vocab]. Over several ranks this is a
+  // collective that gathers the ranks' logits slices (evaluation and tests: not differentiable there).
   torch::Tensor forward(const torch::Tensor& tokens);
   // The final-normed hidden states fp32 [batch, seq, hidden], what the LM head multiplies; with
-  // chunked_cross_entropy this trains without materialising the logits.
+  // chunked_cross_entropy this trains without materialising the logits. Collective over several
+  // ranks (the embedding lookup sums the ranks' rows); each rank passes its own tokens.
   torch::Tensor final_hidden(const torch::Tensor& tokens);
-  // Next-token loss of `targets` (same shape as tokens): mean, or summed with sum = true.
+  // Next-token loss of `targets` (same shape as tokens): mean, or summed with sum = true, over this
+  // rank's tokens. Collective over several ranks (vocab_parallel_cross_entropy).
   torch::Tensor next_token_loss(const torch::Tensor& tokens, const torch::Tensor& targets, bool sum = false);
+  // The vocabulary rows [begin, end) this rank holds of embed_tokens and lm_head.
+  const shard::VocabRange& vocab_range() const { return vocab_range_; }
 
   const shard::ModelConfig& config() const { return config_; }
   const shard::StoreHeader& store_header() const { return header_; }
@@ -118,15 +125,16 @@ class LlamaModelImpl : public torch::nn::Module {
 
   // Allocator deltas measured while loading (zero unless the counting allocator is installed).
   struct LoadMemory {
-    int64_t replicated = 0;   // embeddings, norms, LM head, biases as stored
+    int64_t replicated = 0;   // norms, biases, this rank's embedding and LM head rows, as stored
+    int64_t embeddings = 0;   // of which the embedding and LM head rows (once when tied)
     int64_t quantized = 0;    // this rank's quantized segments
     int64_t gather_pool = 0;  // gathered-block slots
   };
   const LoadMemory& load_memory() const { return load_memory_; }
 
-  torch::Tensor embed_tokens;
+  torch::Tensor embed_tokens;  // rows vocab_range() of the input embedding
   torch::Tensor final_norm;
-  torch::Tensor lm_head;       // aliases embed_tokens when tied
+  torch::Tensor lm_head;       // rows vocab_range() of the LM head; aliases embed_tokens when tied
 
  private:
   void ensure_rotary_tables(int64_t sequence_length);
@@ -143,6 +151,7 @@ class LlamaModelImpl : public torch::nn::Module {
   bool input_require_grads_ = false;
   uint64_t dropout_seed_ = 0;
   LoadMemory load_memory_;
+  shard::VocabRange vocab_range_;
   torch::Tensor rotary_cos_;
   torch::Tensor rotary_sin_;
 };

@@ -258,6 +258,20 @@ void ModelStore::read_dense(const std::string& name, void* destination) const {
   bytes_read_ += static_cast<uint64_t>(stored.numel) * kernels::dtype_size(stored.dtype);
 }
 
+void ModelStore::read_dense_rows(const std::string& name, int64_t row_begin, int64_t row_end, void* destination) const {
+  const StoredTensor& stored = tensor(name);
+  assert(!stored.quantized);
+  const int64_t rows = stored.shape.empty() ? 1 : stored.shape[0];
+  if (row_begin < 0 || row_end < row_begin || row_end > rows)
+    throw FormatError(path_ + ": tensor '" + name + "' has " + std::to_string(rows) + " rows, rows [" +
+                      std::to_string(row_begin) + ", " + std::to_string(row_end) + ") were asked for");
+  const int64_t row_elements = rows == 0 ? 0 : stored.numel / rows;
+  const int64_t count = (row_end - row_begin) * row_elements;
+  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/data", stored.dtype, stored.numel,
+                 row_begin * row_elements, row_end * row_elements, destination, path_ + ": tensor '" + name + "'");
+  bytes_read_ += static_cast<uint64_t>(count) * kernels::dtype_size(stored.dtype);
+}
+
 bool ModelStore::read_tokenizer(TokenizerSource* source) const {
   const hid_t file = static_cast<hid_t>(file_);
   if (H5Lexists(file, "/tokenizer", H5P_DEFAULT) <= 0) return false;

@@ -75,6 +75,9 @@ class ModelStore {
                       float* nested_absmax) const;
   // A whole unquantized tensor in its stored dtype (numel * dtype_size bytes).
   void read_dense(const std::string& name, void* destination) const;
+  // Rows [row_begin, row_end) of an unquantized tensor (along its first dimension), one hyperslab:
+  // (row_end - row_begin) * row elements * dtype_size bytes. FormatError when out of range.
+  void read_dense_rows(const std::string& name, int64_t row_begin, int64_t row_end, void* destination) const;
 
   // The embedded /tokenizer (docs/FORMAT.md); false when the store has none.
   bool read_tokenizer(TokenizerSource* source) const;

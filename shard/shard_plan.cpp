@@ -60,4 +60,14 @@ ShardRange shard_range(int64_t numel, int64_t blocksize, int rank, int world) {
 
 int64_t max_world_for(int64_t numel, int64_t blocksize) { return max_world_for(QuantGeometry{numel, blocksize}); }
 
+VocabRange vocab_range(int64_t vocab, int rank, int world) {
+  assert(world >= 1 && rank >= 0 && rank < world && vocab >= world);
+  const int64_t base = vocab / world;
+  const int64_t remainder = vocab % world;
+  VocabRange range;
+  range.begin = rank * base + std::min<int64_t>(rank, remainder);
+  range.end = range.begin + base + (rank < remainder ? 1 : 0);
+  return range;
+}
+
 }  // namespace qlora::shard

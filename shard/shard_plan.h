@@ -1,4 +1,4 @@
-// Which part of each quantized tensor a rank owns: FSDP-style flat sharding cut at quantization-block
+// Which part of each quantized tensor (and of the vocabulary) a rank owns: FSDP-style flat sharding cut at quantization-block
 // boundaries (and, under double quantization, at the boundaries of the second-level blocks of 256
 // absmax values, so every rank's nested absmax are its own), balanced so ranks differ by at most one
 // cut unit. Every layer that moves shard bytes (store reads, gathers, the planner) derives offsets
@@ -47,6 +47,16 @@ ShardRange shard_range(const QuantGeometry& geometry, int rank, int world);
 int64_t shard_bytes(const QuantGeometry& geometry, const ShardRange& range);
 // The largest world size a tensor can be sharded over (its number of cut units).
 int64_t max_world_for(const QuantGeometry& geometry);
+
+// The vocabulary rows [begin, end) of the input embedding and LM head a rank holds: a balanced cut
+// (ranks differ by at most one row, the lower ranks take the remainder). Precondition (asserted):
+// 0 <= rank < world <= vocab, so every rank owns at least one row.
+struct VocabRange {
+  int64_t begin = 0;
+  int64_t end = 0;
+  int64_t rows() const { return end - begin; }
+};
+VocabRange vocab_range(int64_t vocab, int rank, int world);
 
 // 4-bit, plain fp32 absmax (format version 1 stores).
 ShardRange shard_range(int64_t numel, int64_t blocksize, int rank, int world);

@@ -91,6 +91,31 @@ TEST(Plan, KeptProjectionsMoveFromShardsToReplicatedFp32) {
   EXPECT_THROW(make_plan("llama-2-7b", config, job), UserError);
 }
 
+TEST(Plan, EmbeddingsAndLmHeadAreEachRanksVocabularySlice) {
+  // Llama-3-70B: 128256 x 8192, untied, fp32 after preparation: 8.4 GB on one rank.
+  const auto config = plan_preset("llama-3-70b");
+  PlanJob job;
+  const auto one = make_plan("llama-3-70b", config, job);
+  EXPECT_EQ(one.ranks[0].embeddings, int64_t{128256} * 8192 * 4 * 2);
+  EXPECT_EQ(one.vocab_parallel_bytes_per_step, 0);
+  // Five ranks: 128256 = 5 x 25651 + 1, so rank 0 holds one row more.
+  job.world = 5;
+  const auto five = make_plan("llama-3-70b", config, job);
+  EXPECT_EQ(five.ranks[0].embeddings, int64_t{25652} * 8192 * 4 * 2);
+  for (int rank = 1; rank < 5; ++rank) EXPECT_EQ(five.ranks[rank].embeddings, int64_t{25651} * 8192 * 4 * 2);
+  EXPECT_LT(five.peak_bytes, one.peak_bytes);
+  // The lookup and the loss move every rank's hidden states: (N-1) x tokens x hidden fp32 gathered
+  // plus two ring all-reduces over N x tokens rows, and small per-row terms.
+  const double tokens = static_cast<double>(job.micro_batch * job.sequence_length);
+  EXPECT_NEAR(static_cast<double>(five.vocab_parallel_bytes_per_step), 4 * tokens * 8192 * 4 * (1 + 4),
+              4 * tokens * 64);
+  // More ranks than vocabulary rows cannot be planned.
+  auto small = config;
+  small.vocab_size = 4;
+  job.world = 5;
+  EXPECT_THROW(make_plan("small", small, job), UserError);
+}
+
 TEST(Plan, ByteSizes) {
   EXPECT_EQ(launcher::parse_byte_size("80GiB", "--device-memory"), 80ll << 30);
   EXPECT_EQ(launcher::parse_byte_size("24GB", "--device-memory"), 24000000000ll);

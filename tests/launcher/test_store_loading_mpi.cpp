@@ -1,6 +1,6 @@
 // Loading and training every store layout across ranks (run under mpirun -np 2 and 4): each rank
-// reads only its shard (bytes counted), holds no more than replicated tensors + its shard + the
-// gather pool while loading (allocator peak, and RSS as a cross-check), and double-quantized and
+// reads only its shard and its vocabulary rows (bytes counted), holds no more than replicated
+// tensors + its shard + its rows + the gather pool while loading (allocator peak, and RSS as a cross-check), and double-quantized and
 // int8 stores train to the same losses as one rank over the same global batches.
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -62,7 +62,16 @@ TEST(StoreLoading, EachRankReadsItsShardAndPeaksAtReplicatedPlusShardPlusGatherP
     int64_t quantized_total = 0;
     int64_t own_quantized = 0;
     int64_t one_unit_per_tensor = 0;   // how far a balanced cut can stray from total / N
+    int64_t own_vocabulary_bytes = 0;  // this rank's rows of the embedding and LM head
+    int64_t vocabulary_total = 0;
+    const auto vocabulary = shard::vocab_range(store->header().config.vocab_size, rank, world);
     for (const auto& tensor : store->tensors()) {
+      if (tensor.name == "model.embed_tokens.weight" || tensor.name == "lm_head.weight") {
+        const int64_t row_bytes = tensor.numel / tensor.shape[0] * kernels::dtype_size(tensor.dtype);
+        own_vocabulary_bytes += vocabulary.rows() * row_bytes;
+        vocabulary_total += tensor.numel * kernels::dtype_size(tensor.dtype);
+        continue;
+      }
       if (!tensor.quantized) {
         dense_bytes += tensor.numel * kernels::dtype_size(tensor.dtype);
         continue;
@@ -82,8 +91,12 @@ TEST(StoreLoading, EachRankReadsItsShardAndPeaksAtReplicatedPlusShardPlusGatherP
       counted_peak = cluster::MemoryCounter::peak_bytes() - counted_before;
       resident_growth = resident_bytes() - resident_before;
       const auto& loaded = model->load_memory();
-      // Bytes read: the replicated tensors whole plus exactly this rank's slices.
-      EXPECT_EQ(static_cast<int64_t>(store->bytes_read()), dense_bytes + own_quantized);
+      // Bytes read: the replicated tensors whole plus exactly this rank's slices (quantized tensors,
+      // and its vocabulary rows of the embedding and LM head, about 1/N of them).
+      EXPECT_EQ(static_cast<int64_t>(store->bytes_read()), dense_bytes + own_quantized + own_vocabulary_bytes);
+      EXPECT_EQ(loaded.embeddings, own_vocabulary_bytes);
+      EXPECT_NEAR(static_cast<double>(own_vocabulary_bytes), static_cast<double>(vocabulary_total) / world,
+                  static_cast<double>(vocabulary_total) / store->header().config.vocab_size);
       EXPECT_NEAR(static_cast<double>(own_quantized), static_cast<double>(quantized_total) / world,
                   static_cast<double>(one_unit_per_tensor));
       // The shard segments hold the rank's slices plus at most 7 bytes of alignment per dataset.
@@ -95,11 +108,12 @@ TEST(StoreLoading, EachRankReadsItsShardAndPeaksAtReplicatedPlusShardPlusGatherP
       EXPECT_LE(counted_peak, resident_state);
       EXPECT_LE(resident_growth, resident_state + (16 << 20)) << "RSS grew past the counted state + 16 MiB";
       if (rank == 0)
-        std::printf("%-12s world %d rank 0: shard %.2f MiB of %.2f MiB quantized (1/N = %.2f), replicated %.2f MiB, "
-                    "gather pool %.2f MiB, allocator peak while loading %.2f MiB, RSS growth %.2f MiB, read %.2f MiB\n",
+        std::printf("%-12s world %d rank 0: shard %.2f MiB of %.2f MiB quantized (1/N = %.2f), replicated %.2f MiB "
+                    "(of which embedding rows %.2f MiB), gather pool %.2f MiB, allocator peak while loading %.2f MiB, "
+                    "RSS growth %.2f MiB, read %.2f MiB\n",
                     label.c_str(), world, loaded.quantized / 1048576.0, quantized_total / 1048576.0,
-                    quantized_total / 1048576.0 / world, loaded.replicated / 1048576.0, loaded.gather_pool / 1048576.0,
-                    counted_peak / 1048576.0, resident_growth / 1048576.0, store->bytes_read() / 1048576.0);
+                    quantized_total / 1048576.0 / world, loaded.replicated / 1048576.0, loaded.embeddings / 1048576.0,
+                    loaded.gather_pool / 1048576.0, counted_peak / 1048576.0, resident_growth / 1048576.0, store->bytes_read() / 1048576.0);
     }
   }
 }

@@ -91,6 +91,35 @@ TEST(ModelStore, ShardsOfAnyWorldSizeReassembleTheTensor) {
   }
 }
 
+// The embedding's vocabulary rows, read per rank as one hyperslab each, rebuild the whole tensor; the
+// cut is balanced (ranks differ by at most one row, lower ranks take the remainder).
+TEST(ModelStore, VocabularyRowsOfAnyWorldSizeReassembleTheEmbedding) {
+  auto store = ModelStore::open(synthetic_store("tiny"));
+  const std::string name = "model.embed_tokens.weight";
+  const StoredTensor& tensor = store->tensor(name);
+  const int64_t vocab = tensor.shape[0];
+  const int64_t row_bytes = tensor.shape[1] * kernels::dtype_size(tensor.dtype);
+  std::vector<uint8_t> whole(static_cast<size_t>(vocab * row_bytes));
+  store->read_dense(name, whole.data());
+  for (int world : {1, 2, 3, 5, 7, 512}) {
+    std::vector<uint8_t> rebuilt(whole.size(), 0xAA);
+    const uint64_t read_before = store->bytes_read();
+    int64_t previous_end = 0;
+    for (int rank = 0; rank < world; ++rank) {
+      const VocabRange range = vocab_range(vocab, rank, world);
+      EXPECT_EQ(range.begin, previous_end) << "world " << world << " rank " << rank;
+      EXPECT_EQ(range.rows(), vocab / world + (rank < vocab % world ? 1 : 0)) << "world " << world;
+      previous_end = range.end;
+      store->read_dense_rows(name, range.begin, range.end, rebuilt.data() + range.begin * row_bytes);
+    }
+    EXPECT_EQ(previous_end, vocab);
+    EXPECT_EQ(rebuilt, whole) << "world " << world;
+    EXPECT_EQ(store->bytes_read() - read_before, whole.size()) << "world " << world;
+  }
+  EXPECT_THROW(store->read_dense_rows(name, 500, 513, whole.data()), FormatError);
+  EXPECT_THROW(store->read_dense_rows(name, 7, 3, whole.data()), FormatError);
+}
+
 TEST(ModelStore, EachRankReadsAboutItsShareOfTheQuantizedBytes) {
   const std::string path = synthetic_store("tiny");
   auto reference = ModelStore::open(path);
