@@ -12,6 +12,7 @@
 #include "cluster/log.h"
 #include "launcher/errors.h"
 #include "model/chunked_loss.h"
+#include "shard/model_store.h"
 #include "shard/shard_plan.h"
 
 namespace qlora::launcher {
@@ -60,7 +61,7 @@ int64_t dtype_bytes(const std::string& dtype) {
 
 // The element counts of one micro-batch's activations, in the decoder's own variable names.
 struct Shape {
-  int64_t tokens, hidden, intermediate, query, key_value, repeated_key_value, scores, sequence;
+  int64_t tokens, hidden, intermediate, query, key_value, repeated_key_value, scores;
 };
 
 // Tensors alive at the peak of one block run without autograd (the checkpointed forward): the
@@ -91,8 +92,35 @@ struct Activations {
   int64_t forward = 0, backward = 0, logits = 0;
 };
 
-Activations activations(const shard::ModelConfig& config, const PlanJob& job, bool checkpointing,
-                        int64_t lm_head_copy_bytes) {
+// The adapters of one block: A(x) columns summed over the adapted projections, their parameters,
+// and the input features that dropout masks.
+struct BlockAdapters {
+  int64_t rows = 0;
+  int64_t elements = 0;
+  int64_t dropout_inputs = 0;
+};
+
+BlockAdapters block_adapters(const shard::ModelConfig& config, const model::LoraConfig& lora) {
+  std::vector<std::string> targets;
+  try {
+    targets = lora.resolved_targets();
+  } catch (const std::exception& error) {
+    throw UserError(std::string("--lora-targets: ") + error.what(), "use q_proj ... down_proj or all-linear");
+  }
+  BlockAdapters adapters;
+  for (const auto& linear : shard::block_linear_names()) {
+    if (std::find(targets.begin(), targets.end(), linear.substr(linear.find('.') + 1)) == targets.end()) continue;
+    const auto shape = config.expected_shape(shard::layer_prefix(0) + linear + ".weight");
+    const int64_t r = lora.for_module(shard::layer_prefix(0) + linear).r;
+    adapters.rows += r;
+    adapters.elements += r * (shape[0] + shape[1]);
+    if (lora.dropout > 0) adapters.dropout_inputs += shape[1];
+  }
+  return adapters;
+}
+
+Activations activations(const shard::ModelConfig& config, const PlanJob& job, const BlockAdapters& adapters,
+                        bool checkpointing, int64_t lm_head_copy_bytes) {
   const int64_t element = dtype_bytes(job.compute_dtype);
   const int64_t batch = job.micro_batch;
   const int64_t sequence = job.sequence_length;
@@ -104,29 +132,9 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, bo
   s.key_value = config.num_key_value_heads * config.head_dim;
   s.repeated_key_value = config.num_key_value_heads == config.num_attention_heads ? s.key_value : s.query;
   s.scores = batch * config.num_attention_heads * sequence * sequence;
-  s.sequence = sequence;
   const int64_t mask_bytes = sequence * sequence;  // the causal mask (bool)
   const int64_t layers = config.num_hidden_layers;
   const int64_t largest_weight = config.hidden_size * std::max(config.intermediate_size, s.query);
-
-  // Adapter terms: A(x) rows and, with dropout, a mask as large as each adapted input.
-  int64_t adapter_rows = 0, dropout_inputs = 0;
-  std::vector<std::string> targets;
-  try {
-    targets = job.lora.resolved_targets();
-  } catch (const std::exception& error) {
-    throw UserError(std::string("--lora-targets: ") + error.what(), "use q_proj ... down_proj or all-linear");
-  }
-  for (const auto& target : targets) {
-    const int64_t rank = job.lora.for_module("model.layers.0." + std::string(target == "gate_proj" || target == "up_proj" ||
-                                                                                target == "down_proj"
-                                                                            ? "mlp."
-                                                                            : "self_attn.") +
-                                              target)
-                             .r;
-    adapter_rows += rank;
-    if (job.lora.dropout > 0) dropout_inputs += target == "down_proj" ? s.intermediate : target == "o_proj" ? s.query : s.hidden;
-  }
 
   const int64_t hidden_bytes = s.tokens * s.hidden * element;
   // Over several ranks the loss runs every rank's rows (gathered) against this rank's vocabulary
@@ -147,7 +155,7 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, bo
   // The embedding lookup over several ranks: every rank's rows, then this rank's copy.
   const int64_t embedding_lookup = world > 1 ? (world + 1) * hidden_bytes : hidden_bytes;
   const int64_t loss_backward = 2 * hidden_bytes;
-  const int64_t saved = block_saved_for_backward(s, adapter_rows, dropout_inputs, mask_bytes, element);
+  const int64_t saved = block_saved_for_backward(s, adapters.rows, adapters.dropout_inputs, mask_bytes, element);
   // Backward through one block. Two moments compete: the MLP's backward (every saved tensor of the
   // block plus hidden-sized gradient temporaries) and the attention's (the softmax output, its
   // gradient and the scores' gradient while the MLP's saved tensors are still referenced). The
@@ -215,34 +223,29 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
   const int64_t source_element = dtype_bytes(job.source_dtype);
   const int64_t layers = config.num_hidden_layers;
 
-  // One block's layout is every block's: the same seven shapes, cut exactly as the runtime cuts them.
-  std::vector<cluster::QuantizedTensorSpec> specs;
-  int64_t kept_linear_elements = 0;   // projections kept in 16 bits (then upcast by preparation)
+  // One block's layout is every block's: the same seven shapes, laid out and cut exactly as a store
+  // with these settings lays them out (shard::quant_geometry, shard::module_listed).
   for (const auto& module : job.keep_unquantized)
     if (module.rfind("model.layers.", 0) == 0)
       throw UserError("the planner assumes every block alike; '" + module + "' names one layer's module",
                       "plan with projection names (e.g. down_proj) instead");
-  auto kept = [&](const std::string& linear) {
-    for (const auto& module : job.keep_unquantized) {
-      if (module == linear) return true;
-      if (linear.size() > module.size() && linear.compare(linear.size() - module.size(), module.size(), module) == 0 &&
-          linear[linear.size() - module.size() - 1] == '.')
-        return true;
-    }
-    return false;
-  };
+  shard::StoreHeader store_layout;
+  store_layout.quant_method = job.quant == "int8" ? "bnb-8bit" : "bnb-4bit";
+  store_layout.blocksize = job.blocksize;
+  store_layout.double_quant = job.double_quant && job.quant != "int8";
+  for (const auto& module : job.keep_unquantized)
+    store_layout.unquantized_modules += (store_layout.unquantized_modules.empty() ? "" : ",") + module;
+  std::vector<cluster::QuantizedTensorSpec> specs;
+  int64_t kept_linear_elements = 0;   // projections kept in 16 bits (then upcast by preparation)
   for (const auto& linear : shard::block_linear_names()) {
-    const auto shape = config.expected_shape(shard::layer_prefix(0) + linear + ".weight");
-    if (!quantized || kept(linear)) {
+    const std::string name = shard::layer_prefix(0) + linear + ".weight";
+    const auto shape = config.expected_shape(name);
+    if (!quantized || shard::module_listed(name, store_layout.unquantized_modules)) {
       kept_linear_elements += shape[0] * shape[1];
       continue;
     }
-    shard::QuantGeometry geometry;
-    geometry.numel = shape[0] * shape[1];
-    geometry.code_bits = job.quant == "int8" ? 8 : 4;
-    geometry.blocksize = job.quant == "int8" ? shape[1] : job.blocksize;  // int8: one absmax per row
-    geometry.double_quant = job.double_quant && job.quant != "int8";
-    if (quantized && shard::max_world_for(geometry) < job.world)
+    const shard::QuantGeometry geometry = shard::quant_geometry(store_layout, shape);
+    if (shard::max_world_for(geometry) < job.world)
       throw UserError("--world " + std::to_string(job.world) + " is more ranks than " + linear + " has cut units (" +
                           std::to_string(shard::max_world_for(geometry)) + ")",
                       "use fewer ranks, a smaller --blocksize, or no --double-quant");
@@ -269,19 +272,11 @@ Plan make_plan(const std::string& model_name, const shard::ModelConfig& config, 
   // With 16-bit embeddings the loss casts the LM head slice to fp32 for the duration of the loss.
   const int64_t lm_head_copy = job.embeddings_16bit && job.compute_dtype == "fp32" ? embedding_elements(0) * 4 : 0;
 
-  int64_t adapter_elements = 0;
-  for (const auto& target : job.lora.resolved_targets()) {
-    for (const auto& linear : shard::block_linear_names()) {
-      if (linear.substr(linear.find('.') + 1) != target) continue;
-      const auto shape = config.expected_shape(shard::layer_prefix(0) + linear + ".weight");
-      const int64_t r = job.lora.for_module(shard::layer_prefix(0) + linear).r;
-      adapter_elements += r * (shape[0] + shape[1]);
-    }
-  }
-  adapter_elements *= layers;
+  const BlockAdapters adapters = block_adapters(config, job.lora);
+  const int64_t adapter_elements = adapters.elements * layers;
 
-  const Activations checkpointed = activations(config, job, true, lm_head_copy);
-  const Activations full = activations(config, job, false, lm_head_copy);
+  const Activations checkpointed = activations(config, job, adapters, true, lm_head_copy);
+  const Activations full = activations(config, job, adapters, false, lm_head_copy);
   const Activations& chosen = job.checkpointing ? checkpointed : full;
 
   for (int rank = 0; rank < job.world; ++rank) {

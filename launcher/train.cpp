@@ -461,9 +461,10 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     line["grad_norm"] = gradient_norm;
     line["tokens_per_second"] = tokens_per_step / step_seconds;
     line["step_seconds"] = step_seconds;
-    line["gather_wait_seconds"] = model->gatherer().stats().wait_seconds - gather_wait_before;
+    const double gather_wait_seconds = model->gatherer().stats().wait_seconds - gather_wait_before;
+    line["gather_wait_seconds"] = gather_wait_seconds;
     line["reduce_wait_seconds"] = reduce_wait_seconds;
-    line["communication_seconds"] = reduce_wait_seconds + (model->gatherer().stats().wait_seconds - gather_wait_before);
+    line["communication_seconds"] = reduce_wait_seconds + gather_wait_seconds;
     line["peak_bytes_rank0"] = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
     write_metrics(line);
     if (options.eval_every > 0 && (step + 1) % options.eval_every == 0 && step + 1 < options.steps)
