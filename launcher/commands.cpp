@@ -323,16 +323,13 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
   const std::string model = values["model"].as<std::string>();
   PlanJob job;
   shard::ModelConfig config;
-  auto ends_with = [&](const char* suffix) {
-    const std::string text(suffix);
-    return model.size() >= text.size() && model.compare(model.size() - text.size(), text.size(), text) == 0;
-  };
+  const auto extension = std::filesystem::path(model).extension();
   if (is_plan_preset(model)) {
     config = plan_preset(model);
-  } else if (ends_with(".json")) {
+  } else if (extension == ".json") {
     config = shard::read_config_file(model);
     job.source_dtype = config.torch_dtype;
-  } else if (ends_with(".h5") || std::filesystem::exists(model)) {
+  } else if (extension == ".h5" || std::filesystem::exists(model)) {
     auto store = shard::ModelStore::open(model);
     const auto& header = store->header();
     config = header.config;
