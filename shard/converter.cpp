@@ -122,7 +122,7 @@ ConvertSummary finish_conversion(ModelStoreWriter& writer, const Fnv1a64& checks
 
 ModelConfig synthetic_config(const std::string& preset) {
   // A config.json gives any shape random weights: what sizing tests and the planner's checks need.
-  if (preset.size() > 5 && preset.compare(preset.size() - 5, 5, ".json") == 0) return read_config_file(preset);
+  if (std::filesystem::path(preset).extension() == ".json") return read_config_file(preset);
   ModelConfig config;
   config.architecture = "llama";
   config.num_attention_heads = 8;
