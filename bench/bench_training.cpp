@@ -4,13 +4,14 @@
 // (4 x linear parameters x tokens, plus attention), against this machine's fp32 GEMM peak measured
 // in the same run. Run as one process or under mpirun; writes bench/results/training-np<N>.json.
 #include <mpi.h>
-#include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 
 #include "cluster/log.h"
+#include "cluster/memory.h"
 #include "cluster/mpi_communicator.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
@@ -29,6 +30,20 @@ double measure_gemm_peak_gflops() {
   return 2.0 * 2048.0 * 2048.0 * 2048.0 * repetitions / seconds / 1e9;
 }
 
+// Linux keeps a resettable high-water mark of resident memory: writing 5 to clear_refs resets it, so
+// each configuration reports its own peak (loading plus training), not the earlier one's.
+void reset_peak_resident_memory() {
+  std::ofstream("/proc/self/clear_refs") << "5";
+}
+
+double peak_resident_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::atof(line.c_str() + 6) * 1024.0;  // reported in kB
+  return 0.0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -39,7 +54,7 @@ int main(int argc, char** argv) {
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &world);
   qlora::cluster::log::set_rank(rank, world);
-  const int64_t steps = argc > 1 ? std::atoll(argv[1]) : 3;
+  const int64_t steps = std::max<int64_t>(2, argc > 1 ? std::atoll(argv[1]) : 4);
   const std::string model_path = "/tmp/qlora-bench-smollm2-shape.h5";
   if (rank == 0) {
     qlora::shard::ConvertOptions options;
@@ -87,22 +102,34 @@ int main(int argc, char** argv) {
     options.quiet = true;
     options.threads = layout.threads;
     options.prepare.use_gradient_checkpointing = checkpointing;
+    // The previous configuration's cached blocks go back to the system before its peak is reset.
+    qlora::cluster::MemoryCounter::release_cache();
+    reset_peak_resident_memory();
     const auto result = qlora::launcher::run_training(options, *communicator);
-    struct rusage usage;
-    getrusage(RUSAGE_SELF, &usage);
-    double peak_rss = static_cast<double>(usage.ru_maxrss) * 1024.0;
+    const double rank_peak_rss = peak_resident_bytes();
+    double peak_rss = rank_peak_rss;
+    double peak_rss_all_ranks = rank_peak_rss;
     MPI_Allreduce(MPI_IN_PLACE, &peak_rss, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    const double mfu = result.tokens_per_second * useful_flops_per_token / (peak_gflops * 1e9);
+    MPI_Allreduce(MPI_IN_PLACE, &peak_rss_all_ranks, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    // Like the Python peer: the first step warms up (page faults, caches) and is not timed.
+    double timed_seconds = 0;
+    for (size_t step = 1; step < result.step_seconds.size(); ++step) timed_seconds += result.step_seconds[step];
+    const double tokens_per_second =
+        static_cast<double>(4 * sequence * world) * static_cast<double>(result.step_seconds.size() - 1) / timed_seconds;
+    const double mfu = tokens_per_second * useful_flops_per_token / (peak_gflops * 1e9);
     if (rank == 0) {
-      std::printf("  checkpointing %-3s  %8.1f tokens/s  MFU %.3f  peak tensor bytes %.2f GiB  peak RSS %.2f GiB\n",
-                  checkpointing ? "on" : "off", result.tokens_per_second, mfu,
-                  static_cast<double>(result.memory.peak_total) / (1 << 30), peak_rss / (1 << 30));
+      std::printf("  checkpointing %-3s  %8.1f tokens/s  MFU %.3f  peak tensor bytes %.2f GiB  peak RSS %.2f GiB/rank, %.2f GiB all ranks\n",
+                  checkpointing ? "on" : "off", tokens_per_second, mfu,
+                  static_cast<double>(result.memory.peak_total) / (1 << 30), peak_rss / (1 << 30),
+                  peak_rss_all_ranks / (1 << 30));
       qlora::shard::Json row;
       row["gradient_checkpointing"] = checkpointing;
-      row["tokens_per_second"] = result.tokens_per_second;
+      row["tokens_per_second"] = tokens_per_second;
+      row["step_seconds"] = qlora::shard::Json::Array(result.step_seconds.begin(), result.step_seconds.end());
       row["mfu"] = mfu;
       row["peak_tensor_bytes_rank0"] = result.memory.peak_total;
       row["peak_rss_bytes_max_rank"] = peak_rss;
+      row["peak_rss_bytes_all_ranks"] = peak_rss_all_ranks;
       row["losses"] = qlora::shard::Json::Array(result.losses.begin(), result.losses.end());
       rows.push_back(row);
     }
@@ -117,7 +144,8 @@ int main(int argc, char** argv) {
     out["gemm_peak_gflops_all_ranks"] = peak_gflops;
     out["useful_flops_per_token"] = useful_flops_per_token;
     out["rows"] = rows;
-    out["note"] = "peak RSS is a process high-water mark: the second configuration inherits the first's";
+    out["note"] = "peak RSS is each configuration's own (VmHWM reset before it): loading plus training; "
+                  "the first step is not timed";
     const std::string path = std::string(QLORA_RESULTS_DIR) + "/training-np" + std::to_string(world) + ".json";
     std::ofstream(path) << out.dump(2) << "\n";
     std::printf("wrote %s\n", path.c_str());

@@ -1,4 +1,4 @@
-// Measured memory per rank: a counting wrapper around LibTorch's CPU allocator (every tensor's
+// Measured memory per rank: a counting (and block-caching) wrapper around LibTorch's CPU allocator (every tensor's
 // bytes, current and peak), and the per-rank report rank 0 gathers into one table.
 #pragma once
 
@@ -19,6 +19,10 @@ class MemoryCounter {
   static int64_t current_bytes();
   static int64_t peak_bytes();
   static void reset_peak();   // peak := current
+  // Freed blocks the allocator keeps for reuse (not counted in current_bytes). Live plus cached
+  // stays within 110% of the highest live total reached (or the live total, when that is higher).
+  static int64_t cached_bytes();
+  static void release_cache();
 };
 
 // The measured figures of one rank. Every value is a difference of allocator readings taken

@@ -453,6 +453,7 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
       check_adapters_agree(communicator, *model, step + 1);
     result.losses.push_back(global_loss);
     const double step_seconds = seconds_since(step_start);
+    result.step_seconds.push_back(step_seconds);
     progress.step(step + 1, global_loss, learning_rate, tokens_per_step / step_seconds, step_seconds);
     shard::Json line;
     line["step"] = step + 1;

@@ -62,6 +62,7 @@ struct TrainResult {
   prepare::PrepareReport preparation;
   double seconds = 0.0;
   double tokens_per_second = 0.0;
+  std::vector<double> step_seconds;  // wall time of each step run, in order (benchmarks skip the first)
   cluster::GatherStats gather;
   double reduce_wait_seconds = 0.0;  // rank's time blocked finishing gradient reductions
   int64_t first_step = 0;          // 0, or the step a resumed run continued from

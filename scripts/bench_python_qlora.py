@@ -4,12 +4,14 @@ bitsandbytes on this CPU, for bench/bench_training.cpp to be compared against.
 
 SmolLM2-135M shape (random weights saved once, then loaded in 4-bit NF4 through
 BitsAndBytesConfig), PEFT's prepare_model_for_kbit_training, LoRA r=16 on all projections,
-micro-batch 4 x 256 tokens, AdamW. One configuration per process so peak RSS is its own:
+micro-batch 4 x 256 tokens, AdamW. One configuration per process so peak RSS is its own (the random
+model is built and saved by a child process, so the peak is loading plus training, not model creation):
   python scripts/bench_python_qlora.py --checkpointing on|off [--steps 3]
 Prints and appends to bench/results/python_peer.json. Needs: torch transformers peft bitsandbytes.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import tempfile
@@ -22,6 +24,18 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
+def save_random_model(folder):
+    """Runs in a child process so that building the fp32 model does not count in the measured peak."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(smollm2_shape()).to(torch.bfloat16).save_pretrained(folder)
+
+
+def smollm2_shape():
+    return transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                    tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpointing", choices=["on", "off"], default="on")
@@ -29,12 +43,11 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
-    config = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                      num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                      tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192)
     with tempfile.TemporaryDirectory() as folder:
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+        child = multiprocessing.get_context("spawn").Process(target=save_random_model, args=(folder,))
+        child.start()
+        child.join()
+        assert child.exitcode == 0, "building the random model failed"
         quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=torch.float32,
                                                        bnb_4bit_use_double_quant=False)
