@@ -61,43 +61,43 @@ int64_t dtype_bytes(const std::string& dtype) {
 
 // The element counts of one micro-batch's activations, in the decoder's own variable names.
 struct Shape {
-  int64_t tokens, hidden, intermediate, query, key_value, repeated_key_value, scores;
+  int64_t tokens, hidden, intermediate, query, key_value, scores;
 };
 
-// Tensors alive at the peak of one block run without autograd (the checkpointed forward): the
-// block keeps every local until it returns, so the attention locals are still held while the MLP runs.
+// The adapters of one block: A(x) columns summed over the adapted projections, their parameters,
+// the input features that dropout masks, and the projection inputs autograd keeps for the adapters'
+// gradients when there is no dropout (each distinct input once).
+struct BlockAdapters {
+  int64_t rows = 0;
+  int64_t elements = 0;
+  int64_t dropout_inputs = 0;
+  int64_t kept_inputs = 0;
+};
+
+// Tensors alive at the peak of one block run without autograd (the checkpointed forward). The block
+// drops its locals as soon as nothing reads them, so the attention and the MLP peak separately:
+// softmax holds the scores and their probabilities next to v; the MLP holds gate, up and their
+// product next to the residual stream, and a projection its dequantized weight and output.
 int64_t block_peak_without_grad(const Shape& s, int64_t weight_elements, int64_t mask_bytes, int64_t element) {
-  const int64_t attention_locals = s.tokens * (s.hidden + s.query + 2 * s.repeated_key_value + s.query);
-  const int64_t during_softmax = attention_locals + 2 * s.scores;
-  const int64_t mlp_locals = attention_locals + s.scores + s.tokens * (2 * s.hidden + 4 * s.intermediate);
-  const int64_t during_down = mlp_locals + std::max(weight_elements + s.tokens * s.hidden, 3 * s.tokens * s.hidden);
-  return std::max(during_softmax, during_down) * element + mask_bytes;
+  const int64_t during_softmax = s.tokens * (s.hidden + s.key_value) + 2 * s.scores;
+  const int64_t during_mlp = s.tokens * (3 * s.hidden + 4 * s.intermediate);  // gate; up's product, A(x)B, sum
+  const int64_t during_projection = s.tokens * (3 * s.hidden + 2 * s.intermediate) + weight_elements;
+  return std::max({during_softmax, during_mlp, during_projection}) * element + mask_bytes;
 }
 
-// Tensors autograd saves for one block's backward.
-int64_t block_saved_for_backward(const Shape& s, int64_t adapter_rows, int64_t dropout_inputs, int64_t mask_bytes,
-                                 int64_t element) {
-  // normed input; rotated q; k and v before and after rotation; attention output; residual sum;
-  // normed MLP input; gate, up, silu(gate) and their product; block output.
-  int64_t elements = s.tokens * (s.hidden + s.query + 4 * s.key_value + s.query + 2 * s.hidden +
-                                 4 * s.intermediate + s.hidden);
-  if (s.repeated_key_value != s.key_value) elements += 2 * s.tokens * s.repeated_key_value;
-  elements += s.scores;                        // softmax output, kept for its own and the matmul's backward
-  elements += s.tokens * adapter_rows;         // A(x) of every adapter
-  elements += 2 * s.tokens * dropout_inputs;   // dropout: the mask and the masked input
+// Tensors autograd saves for one block's backward: the block input and the residual sum (read by
+// the norms), two norm-sized statistics tensors each, the grouped query copy, k and v, the softmax
+// output, gate and up (SwiGLU recomputes silu), the adapters' inputs and A(x), and under dropout a
+// mask and the masked input per adapted input.
+int64_t block_saved_for_backward(const Shape& s, const BlockAdapters& adapters, int64_t mask_bytes, int64_t element) {
+  int64_t elements = s.tokens * (4 * s.hidden + 2 + s.query + 2 * s.key_value + 2 * s.intermediate);
+  elements += s.scores;
+  elements += s.tokens * (adapters.kept_inputs + adapters.rows + 2 * adapters.dropout_inputs);
   return elements * element + mask_bytes;
 }
 
 struct Activations {
   int64_t forward = 0, backward = 0, logits = 0;
-};
-
-// The adapters of one block: A(x) columns summed over the adapted projections, their parameters,
-// and the input features that dropout masks.
-struct BlockAdapters {
-  int64_t rows = 0;
-  int64_t elements = 0;
-  int64_t dropout_inputs = 0;
 };
 
 BlockAdapters block_adapters(const shard::ModelConfig& config, const model::LoraConfig& lora) {
@@ -108,14 +108,24 @@ BlockAdapters block_adapters(const shard::ModelConfig& config, const model::Lora
     throw UserError(std::string("--lora-targets: ") + error.what(), "use q_proj ... down_proj or all-linear");
   }
   BlockAdapters adapters;
+  // The input each projection reads: q/k/v share the normed input, gate/up the normed MLP input.
+  std::map<std::string, int64_t> kept_input_width;
   for (const auto& linear : shard::block_linear_names()) {
-    if (std::find(targets.begin(), targets.end(), linear.substr(linear.find('.') + 1)) == targets.end()) continue;
+    const std::string target = linear.substr(linear.find('.') + 1);
+    if (std::find(targets.begin(), targets.end(), target) == targets.end()) continue;
     const auto shape = config.expected_shape(shard::layer_prefix(0) + linear + ".weight");
     const int64_t r = lora.for_module(shard::layer_prefix(0) + linear).r;
     adapters.rows += r;
     adapters.elements += r * (shape[0] + shape[1]);
-    if (lora.dropout > 0) adapters.dropout_inputs += shape[1];
+    if (lora.dropout > 0) {
+      adapters.dropout_inputs += shape[1];
+    } else {
+      const bool attention_input = target == "q_proj" || target == "k_proj" || target == "v_proj";
+      const bool mlp_input = target == "gate_proj" || target == "up_proj";
+      kept_input_width[attention_input ? "normed" : mlp_input ? "normed_mlp" : target] = shape[1];
+    }
   }
+  for (const auto& input : kept_input_width) adapters.kept_inputs += input.second;
   return adapters;
 }
 
@@ -130,9 +140,9 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, co
   s.intermediate = config.intermediate_size;
   s.query = config.num_attention_heads * config.head_dim;
   s.key_value = config.num_key_value_heads * config.head_dim;
-  s.repeated_key_value = config.num_key_value_heads == config.num_attention_heads ? s.key_value : s.query;
   s.scores = batch * config.num_attention_heads * sequence * sequence;
-  const int64_t mask_bytes = sequence * sequence;  // the causal mask (bool)
+  // The causal mask (bool), one copy per query group, shared by every block.
+  const int64_t mask_bytes = sequence * sequence * (config.num_attention_heads / config.num_key_value_heads);
   const int64_t layers = config.num_hidden_layers;
   const int64_t largest_weight = config.hidden_size * std::max(config.intermediate_size, s.query);
 
@@ -155,16 +165,17 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, co
   // The embedding lookup over several ranks: every rank's rows, then this rank's copy.
   const int64_t embedding_lookup = world > 1 ? (world + 1) * hidden_bytes : hidden_bytes;
   const int64_t loss_backward = 2 * hidden_bytes;
-  const int64_t saved = block_saved_for_backward(s, adapters.rows, adapters.dropout_inputs, mask_bytes, element);
+  const int64_t saved = block_saved_for_backward(s, adapters, mask_bytes, element);
   // Backward through one block. Two moments compete: the MLP's backward (every saved tensor of the
-  // block plus hidden-sized gradient temporaries) and the attention's (the softmax output, its
-  // gradient and the scores' gradient while the MLP's saved tensors are still referenced). The
-  // temporaries' coefficients were measured with the counting allocator (fp32, LibTorch 1.13) on
-  // models with intermediate/hidden 2.75 and 5.5 and sequence lengths 64-1024; test_plan guards them.
+  // block, the SwiGLU and projection gradient temporaries and one dequantized weight) and the
+  // attention's (the MLP's saved tensors released; the probabilities' and scores' gradients). The
+  // temporaries' coefficients were fitted with the counting allocator (fp32, LibTorch 1.13) on models
+  // with intermediate/hidden 2.75 and 5.5, GQA and MHA, sequence lengths 64-1024; test_plan guards them.
   const int64_t hidden_elements = s.tokens * s.hidden;
-  const int64_t block_backward =
-      std::max(saved + (10 * hidden_elements + s.scores / 4) * element,
-               (3 * s.scores + 4 * s.tokens * s.intermediate - 4 * hidden_elements) * element);
+  const int64_t intermediate_elements = s.tokens * s.intermediate;
+  const int64_t block_backward = std::max(
+      saved + (7 * intermediate_elements / 3 - hidden_elements / 2 + largest_weight) * element,
+      saved + (9 * s.scores / 4 - 3 * intermediate_elements - 6 * hidden_elements) * element);
   if (checkpointing) {
     const int64_t kept_inputs = layers * hidden_bytes;
     result.forward = std::max({kept_inputs + block_peak_without_grad(s, largest_weight, mask_bytes, element),

@@ -128,6 +128,26 @@ struct NonReentrantBlockCheckpoint : public torch::autograd::Function<NonReentra
   }
 };
 
+// silu(gate) * up that saves only its two inputs: autograd's own composition also keeps silu(gate),
+// a third intermediate-sized tensor per block; backward recomputes it from gate instead.
+struct SwiGlu : public torch::autograd::Function<SwiGlu> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* context, torch::Tensor gate, torch::Tensor up) {
+    context->save_for_backward({gate, up});
+    return torch::silu(gate) * up;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = context->get_saved_variables();
+    const auto& gate = saved[0];
+    const auto& up = saved[1];
+    const auto& grad = grad_outputs[0];
+    auto grad_up = grad * torch::silu(gate);
+    auto grad_gate = at::silu_backward(grad * up, gate);
+    return {grad_gate, grad_up};
+  }
+};
+
 // A frozen 4-bit linear, y = x W^T. Like bitsandbytes' MatMul4Bit it keeps no fp32 weight for
 // backward: the weight exists only while one product needs it, and backward dequantizes it again
 // (grad_x = grad_y W; W is frozen, so x is not saved either).
@@ -263,36 +283,53 @@ torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_i
   return output;
 }
 
-torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const torch::Tensor& cos,
-                                        const torch::Tensor& sin, at::Generator* dropout_generator,
-                                        bool output_value_read) {
+torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const AttentionTables& tables,
+                                        at::Generator* dropout_generator, bool output_value_read) {
   const int64_t batch = hidden.size(0);
   const int64_t sequence = hidden.size(1);
   const int64_t heads = config_.num_attention_heads;
   const int64_t kv_heads = config_.num_key_value_heads;
+  const int64_t group = heads / kv_heads;
   const int64_t head_dim = config_.head_dim;
 
-  auto normed = rms_norm(hidden, input_layernorm, config_.rms_norm_eps).to(torch::kFloat);
-  auto q = project("q_proj", 0, normed, dropout_generator).view({batch, sequence, heads, head_dim}).transpose(1, 2);
-  auto k = project("k_proj", 1, normed, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
-  auto v = project("v_proj", 2, normed, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
-  q = apply_rotary(q, cos, sin);
-  k = apply_rotary(k, cos, sin);
-  if (kv_heads != heads) {
-    k = k.repeat_interleave(heads / kv_heads, 1);
-    v = v.repeat_interleave(heads / kv_heads, 1);
+  // Locals are dropped as soon as nothing reads them: autograd keeps what backward needs, and without
+  // autograd (a checkpointed forward) the block's peak is then one phase's tensors, not all of them.
+  torch::Tensor attention;
+  {
+    auto normed = rms_norm(hidden, input_layernorm, config_.rms_norm_eps).to(torch::kFloat);
+    auto q = project("q_proj", 0, normed, dropout_generator).view({batch, sequence, heads, head_dim}).transpose(1, 2);
+    auto k = project("k_proj", 1, normed, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
+    auto v = project("v_proj", 2, normed, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
+    normed.reset();
+    // The query's rotary tables carry 1/sqrt(head_dim), so the scores need no scaling pass of their own.
+    q = apply_rotary(q, tables.query_cos, tables.query_sin);
+    k = apply_rotary(k, tables.cos, tables.sin);
+    // Grouped-query attention without repeating k and v: head h reads kv head h / group, so the
+    // `group` query heads of one kv head stack into [group * seq] rows against that head's keys.
+    auto grouped_query = q.reshape({batch, kv_heads, group * sequence, head_dim});
+    q.reset();
+    auto scores = torch::matmul(grouped_query, k.transpose(-2, -1));
+    grouped_query.reset();
+    k.reset();
+    scores.masked_fill_(tables.causal_mask, -std::numeric_limits<float>::infinity());
+    auto probabilities = torch::softmax(scores, -1);
+    scores.reset();
+    attention = torch::matmul(probabilities, v);
   }
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim));
-  auto causal = torch::ones({sequence, sequence}, torch::kBool).triu(1);
-  scores = scores.masked_fill(causal, -std::numeric_limits<float>::infinity());
-  auto attention = torch::matmul(torch::softmax(scores, -1), v);
-  attention = attention.transpose(1, 2).reshape({batch, sequence, heads * head_dim});
+  attention = attention.view({batch, heads, sequence, head_dim}).transpose(1, 2).reshape({batch, sequence, heads * head_dim});
   auto after_attention = hidden + project("o_proj", 3, attention, dropout_generator);
+  attention.reset();
 
-  auto normed_mlp = rms_norm(after_attention, post_attention_layernorm, config_.rms_norm_eps).to(torch::kFloat);
-  auto gate = project("gate_proj", 4, normed_mlp, dropout_generator);
-  auto up = project("up_proj", 5, normed_mlp, dropout_generator);
-  auto mlp = project("down_proj", 6, torch::silu(gate) * up, dropout_generator, output_value_read);
+  torch::Tensor product;
+  {
+    auto normed_mlp = rms_norm(after_attention, post_attention_layernorm, config_.rms_norm_eps).to(torch::kFloat);
+    auto gate = project("gate_proj", 4, normed_mlp, dropout_generator);
+    auto up = project("up_proj", 5, normed_mlp, dropout_generator);
+    normed_mlp.reset();
+    product = SwiGlu::apply(gate, up);
+  }
+  auto mlp = project("down_proj", 6, product, dropout_generator, output_value_read);
+  product.reset();
   return after_attention + mlp;
 }
 
@@ -436,14 +473,23 @@ void LlamaModelImpl::add_lora(const LoraConfig& config, uint64_t seed) {
   lora_attached_ = !named_lora_parameters().empty();
 }
 
-void LlamaModelImpl::ensure_rotary_tables(int64_t sequence_length) {
-  if (rotary_cos_.defined() && rotary_cos_.size(0) >= sequence_length) return;
+void LlamaModelImpl::ensure_attention_tables(int64_t sequence_length) {
+  if (attention_tables_length_ == sequence_length) return;
   auto inverse = rotary_inverse_frequencies(config_);
   auto positions = torch::arange(sequence_length, torch::kFloat);
   auto frequencies = torch::outer(positions, inverse);
   auto angles = torch::cat({frequencies, frequencies}, -1);
-  rotary_cos_ = angles.cos();
-  rotary_sin_ = angles.sin();
+  AttentionTables tables;
+  tables.cos = angles.cos();
+  tables.sin = angles.sin();
+  const double score_scale = 1.0 / std::sqrt(static_cast<double>(config_.head_dim));
+  tables.query_cos = tables.cos * score_scale;
+  tables.query_sin = tables.sin * score_scale;
+  const int64_t group = config_.num_attention_heads / config_.num_key_value_heads;
+  tables.causal_mask =
+      torch::ones({sequence_length, sequence_length}, torch::kBool).triu(1).repeat({group, 1}).contiguous();
+  attention_tables_ = std::move(tables);
+  attention_tables_length_ = sequence_length;
 }
 
 torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidden, bool output_value_read) {
@@ -451,9 +497,8 @@ torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidde
   if (quantized_blocks_) gatherer_->acquire(index);
   auto generator = at::make_generator<at::CPUGeneratorImpl>(
       mix_seed(dropout_seed_ ^ mix_seed(index * 1000003ull + static_cast<uint64_t>(communicator_.rank()))));
-  auto cos = rotary_cos_.narrow(0, 0, sequence);
-  auto sin = rotary_sin_.narrow(0, 0, sequence);
-  return blocks_[index]->forward(hidden, cos, sin, &generator, output_value_read);
+  ensure_attention_tables(sequence);
+  return blocks_[index]->forward(hidden, attention_tables_, &generator, output_value_read);
 }
 
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {
@@ -493,7 +538,7 @@ torch::Tensor LlamaModelImpl::next_token_loss(const torch::Tensor& tokens, const
 }
 
 torch::Tensor LlamaModelImpl::final_hidden(const torch::Tensor& tokens) {
-  ensure_rotary_tables(tokens.size(1));
+  ensure_attention_tables(tokens.size(1));
   auto hidden = vocab_parallel_embedding(embed_tokens, vocab_range_, tokens, communicator_);
   if (input_require_grads_) hidden.requires_grad_(true);
   const int64_t model_address = reinterpret_cast<int64_t>(this);

@@ -29,13 +29,20 @@ struct ModelError : std::runtime_error {
 
 class LlamaModelImpl;
 
+// Per-sequence-length tables every block's attention shares, built once by the model.
+struct AttentionTables {
+  torch::Tensor cos, sin;              // rotary tables [seq, head_dim]
+  torch::Tensor query_cos, query_sin;  // the same times 1/sqrt(head_dim): the query carries the score scale
+  torch::Tensor causal_mask;           // [group * seq, seq] bool, true above the diagonal of each group's rows
+};
+
 class DecoderBlockImpl : public torch::nn::Module {
  public:
   DecoderBlockImpl(const shard::ModelConfig& config, int64_t layer, kernels::QuantType quant_type);
   // With output_value_read = false (a checkpointed block recomputed only for its graph) the down
   // projection's frozen product, whose value nothing reads, is not computed: its backward still is.
-  torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& cos, const torch::Tensor& sin,
-                        at::Generator* dropout_generator, bool output_value_read = true);
+  torch::Tensor forward(const torch::Tensor& hidden, const AttentionTables& tables, at::Generator* dropout_generator,
+                        bool output_value_read = true);
   void add_lora(const LoraConfig& config, at::Generator& init_generator);
   void attach_gatherer(cluster::BlockGatherer* gatherer) { gatherer_ = gatherer; }
   // A new fp32 tensor holding projection `tensor_index` (block_linear_names order), dequantized from
@@ -137,7 +144,7 @@ class LlamaModelImpl : public torch::nn::Module {
   torch::Tensor lm_head;       // rows vocab_range() of the LM head; aliases embed_tokens when tied
 
  private:
-  void ensure_rotary_tables(int64_t sequence_length);
+  void ensure_attention_tables(int64_t sequence_length);
 
   shard::ModelConfig config_;
   shard::StoreHeader header_;
@@ -152,8 +159,8 @@ class LlamaModelImpl : public torch::nn::Module {
   uint64_t dropout_seed_ = 0;
   LoadMemory load_memory_;
   shard::VocabRange vocab_range_;
-  torch::Tensor rotary_cos_;
-  torch::Tensor rotary_sin_;
+  AttentionTables attention_tables_;
+  int64_t attention_tables_length_ = 0;
 };
 TORCH_MODULE(LlamaModel);
 
