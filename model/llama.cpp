@@ -274,13 +274,18 @@ torch::Tensor DecoderBlockImpl::dequantize_weight(size_t tensor_index) {
 
 torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
                                         at::Generator* dropout_generator, bool value_read) {
-  auto output = FrozenQuantizedLinear::apply(x, reinterpret_cast<int64_t>(this), static_cast<int64_t>(tensor_index),
-                                             linear_shapes_[tensor_index][0], value_read);
+  // Two-dimensional rows, so the adapter can add its update into the frozen product in place.
+  const int64_t out_features = linear_shapes_[tensor_index][0];
+  const auto rows = x.reshape({-1, x.size(-1)});
+  auto output = FrozenQuantizedLinear::apply(rows, reinterpret_cast<int64_t>(this), static_cast<int64_t>(tensor_index),
+                                             out_features, value_read);
   auto bias = biases.find(name);
   if (bias != biases.end()) output = output + bias->second.to(output.scalar_type());
   auto adapter = adapters.find(name);
-  if (adapter != adapters.end()) output = output + adapter->second->forward(x, dropout_generator);
-  return output;
+  if (adapter != adapters.end()) adapter->second->add_update(output, rows, dropout_generator);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  return output.view(sizes);
 }
 
 torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const AttentionTables& tables,

@@ -1,4 +1,4 @@
-// LoRA adapter initialisation and forward.
+// LoRA adapter initialisation and its in-place update of a frozen product.
 #include "model/lora.h"
 
 #include <cmath>
@@ -68,7 +68,7 @@ LoraAdapterImpl::LoraAdapterImpl(int64_t in_features, int64_t out_features, cons
   lora_B = register_parameter("lora_B", torch::zeros({out_features, config.r}, torch::kFloat));
 }
 
-torch::Tensor LoraAdapterImpl::forward(const torch::Tensor& x, at::Generator* dropout_generator) {
+void LoraAdapterImpl::add_update(torch::Tensor& output, const torch::Tensor& x, at::Generator* dropout_generator) {
   torch::Tensor input = x.to(lora_A.scalar_type());
   if (dropout > 0.0 && is_training()) {
     const double keep = 1.0 - dropout;
@@ -79,7 +79,7 @@ torch::Tensor LoraAdapterImpl::forward(const torch::Tensor& x, at::Generator* dr
       mask.bernoulli_(keep);
     input = input * mask / keep;
   }
-  return torch::matmul(torch::matmul(input, lora_A.t()), lora_B.t()) * scaling;
+  output.addmm_(torch::matmul(input, lora_A.t()), lora_B.t(), /*beta=*/1.0, /*alpha=*/scaling);
 }
 
 }  // namespace qlora::model

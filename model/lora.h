@@ -36,8 +36,10 @@ struct LoraConfig {
 class LoraAdapterImpl : public torch::nn::Module {
  public:
   LoraAdapterImpl(int64_t in_features, int64_t out_features, const LoraConfig& config, at::Generator& init_generator);
-  // x: [..., in]; returns the update [..., out]. `dropout_generator` may be null when dropout is 0.
-  torch::Tensor forward(const torch::Tensor& x, at::Generator* dropout_generator);
+  // Adds the update B(A(dropout(x))) * scaling into `output` ([rows, out], the frozen product) in
+  // place: one GEMM with beta 1 and alpha = scaling, so neither the [rows, out] update nor its scaled
+  // copy is materialised. x: [rows, in]. `dropout_generator` may be null when dropout is 0.
+  void add_update(torch::Tensor& output, const torch::Tensor& x, at::Generator* dropout_generator);
 
   torch::Tensor lora_A;  // [r, in]
   torch::Tensor lora_B;  // [out, r]
