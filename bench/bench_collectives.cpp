@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_mpi.h"
 #include "cluster/mpi_communicator.h"
 #include "shard/json.h"
 
@@ -50,12 +51,9 @@ Measurement time_collective(const std::function<void()>& call, const std::functi
 }  // namespace
 
 int main(int argc, char** argv) {
-  int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
-  int rank = 0;
-  int world = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  qlora::bench::MpiSession mpi(&argc, &argv);
+  const int rank = mpi.rank;
+  const int world = mpi.world;
   auto communicator = qlora::cluster::make_mpi_communicator(MPI_COMM_WORLD);
   const int64_t largest = argc > 1 ? std::atoll(argv[1]) : (int64_t{64} << 20);
 
@@ -154,6 +152,5 @@ int main(int argc, char** argv) {
     std::ofstream(path) << result.dump(2) << "\n";
     std::printf("wrote %s\n", path.c_str());
   }
-  MPI_Finalize();
   return 0;
 }

@@ -8,19 +8,16 @@
 #include <fstream>
 #include <string>
 
-#include "cluster/log.h"
+#include "bench/bench_mpi.h"
 #include "cluster/mpi_communicator.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
 #include "shard/json.h"
 
 int main(int argc, char** argv) {
-  int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
-  int rank = 0;
-  int world = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  qlora::bench::MpiSession mpi(&argc, &argv);
+  const int rank = mpi.rank;
+  const int world = mpi.world;
   const int64_t steps = argc > 1 ? std::atoll(argv[1]) : 12;
   const std::string model_path = "/tmp/qlora-bench-small.h5";
   if (rank == 0) {
@@ -30,7 +27,6 @@ int main(int argc, char** argv) {
   MPI_Barrier(MPI_COMM_WORLD);
   auto communicator = qlora::cluster::make_mpi_communicator(MPI_COMM_WORLD);
   auto layout = qlora::cluster::discover_rank_layout(MPI_COMM_WORLD);
-  qlora::cluster::log::set_rank(rank, world);
   qlora::cluster::assign_threads(layout, 0);
 
   struct Variant {
@@ -92,6 +88,5 @@ int main(int argc, char** argv) {
     std::ofstream(path) << result.dump(2) << "\n";
     std::printf("wrote %s\n", path.c_str());
   }
-  MPI_Finalize();
   return 0;
 }

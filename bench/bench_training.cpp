@@ -10,7 +10,7 @@
 #include <cstdio>
 #include <fstream>
 
-#include "cluster/log.h"
+#include "bench/bench_mpi.h"
 #include "cluster/memory.h"
 #include "cluster/mpi_communicator.h"
 #include "launcher/train.h"
@@ -47,13 +47,9 @@ double peak_resident_bytes() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
-  int rank = 0;
-  int world = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &world);
-  qlora::cluster::log::set_rank(rank, world);
+  qlora::bench::MpiSession mpi(&argc, &argv);
+  const int rank = mpi.rank;
+  const int world = mpi.world;
   const int64_t steps = std::max<int64_t>(2, argc > 1 ? std::atoll(argv[1]) : 4);
   const std::string model_path = "/tmp/qlora-bench-smollm2-shape.h5";
   if (rank == 0) {
@@ -150,6 +146,5 @@ int main(int argc, char** argv) {
     std::ofstream(path) << out.dump(2) << "\n";
     std::printf("wrote %s\n", path.c_str());
   }
-  MPI_Finalize();
   return 0;
 }

@@ -11,7 +11,7 @@
 #include <fstream>
 #include <vector>
 
-#include "cluster/log.h"
+#include "bench/bench_mpi.h"
 #include "cluster/mpi_communicator.h"
 #include "cluster/rank_layout.h"
 #include "model/chunked_loss.h"
@@ -28,13 +28,9 @@ double median(std::vector<double> values) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
-  int rank = 0;
-  int world = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &world);
-  qlora::cluster::log::set_rank(rank, world);
+  qlora::bench::MpiSession mpi(&argc, &argv);
+  const int rank = mpi.rank;
+  const int world = mpi.world;
   const int repetitions = argc > 1 ? std::atoi(argv[1]) : 7;
   auto communicator = qlora::cluster::make_mpi_communicator(MPI_COMM_WORLD);
   auto self = qlora::cluster::make_mpi_communicator(MPI_COMM_SELF);
@@ -99,6 +95,5 @@ int main(int argc, char** argv) {
     std::ofstream(path) << out.dump(2) << "\n";
     std::printf("wrote %s\n", path.c_str());
   }
-  MPI_Finalize();
   return 0;
 }

@@ -21,8 +21,8 @@
 #include <deque>
 #include <list>
 #include <mutex>
-#include <unordered_map>
 #include <sstream>
+#include <unordered_map>
 #include <vector>
 
 #include "cluster/log.h"
@@ -133,6 +133,8 @@ BlockCache& block_cache() {
   return *cache;
 }
 
+bool cacheable(size_t bytes) { return bytes >= kSmallestCachedBytes && block_cache().enabled(); }
+
 // What the deleter needs: the wrapped allocation (freed with it, or cached) and its size.
 struct CountedAllocation {
   c10::DataPtr inner;
@@ -143,8 +145,7 @@ void release(void* context) {
   auto* allocation = static_cast<CountedAllocation*>(context);
   g_current.fetch_sub(allocation->bytes);
   const auto bytes = static_cast<size_t>(allocation->bytes);
-  if (bytes >= kSmallestCachedBytes && block_cache().enabled())
-    block_cache().put(bytes, std::move(allocation->inner));
+  if (cacheable(bytes)) block_cache().put(bytes, std::move(allocation->inner));
   delete allocation;
 }
 
@@ -166,7 +167,7 @@ class CountingAllocator final : public c10::Allocator {
  private:
   c10::DataPtr allocate_counted(size_t bytes) const {
     c10::DataPtr inner;
-    if (bytes >= kSmallestCachedBytes && block_cache().enabled()) {
+    if (cacheable(bytes)) {
       inner = block_cache().take(bytes);
       if (!inner) block_cache().make_room(g_current.load() + static_cast<int64_t>(bytes));
     }

@@ -1,5 +1,5 @@
-// Measured memory per rank: a counting (and block-caching) wrapper around LibTorch's CPU allocator (every tensor's
-// bytes, current and peak), and the per-rank report rank 0 gathers into one table.
+// Measured memory per rank: a counting (and block-caching) wrapper around LibTorch's CPU allocator
+// (every tensor's bytes, current and peak), and the per-rank report rank 0 gathers into one table.
 #pragma once
 
 #include <cstdint>

@@ -13,6 +13,16 @@
 namespace qlora::model {
 namespace {
 
+// Both losses form their input gradient in forward: keep it for backward and return the loss (the
+// summed negative log-likelihood, or its mean over rows).
+torch::Tensor loss_keeping_gradient(torch::autograd::AutogradContext* context, const torch::Tensor& grad_hidden,
+                                    double total, bool sum, int64_t rows, const torch::TensorOptions& options) {
+  context->save_for_backward({grad_hidden});
+  context->saved_data["sum"] = sum;
+  context->saved_data["rows"] = rows;
+  return torch::tensor(sum ? total : total / static_cast<double>(rows), options);
+}
+
 // Both losses return their input gradient saved in forward, scaled by the upstream scalar.
 torch::autograd::variable_list saved_gradient_times(torch::autograd::AutogradContext* context,
                                                     const torch::autograd::variable_list& grad_outputs,
@@ -46,10 +56,7 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
       probabilities.scatter_add_(1, chunk_targets, torch::full({count, 1}, -1.0, probabilities.options()));
       grad_hidden.narrow(0, begin, count).copy_(torch::matmul(probabilities, compute_weight));
     }
-    context->save_for_backward({grad_hidden});
-    context->saved_data["sum"] = sum;
-    context->saved_data["rows"] = rows;
-    return torch::tensor(sum ? total : total / static_cast<double>(rows), hidden.options());
+    return loss_keeping_gradient(context, grad_hidden, total, sum, rows, hidden.options());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
@@ -109,10 +116,7 @@ struct VocabParallelCrossEntropy : public torch::autograd::Function<VocabParalle
       if (mine_count > 0)
         grad_hidden.narrow(0, mine_begin - own_begin, mine_count).copy_(partial.narrow(0, mine_begin - begin, mine_count));
     }
-    context->save_for_backward({grad_hidden});
-    context->saved_data["sum"] = sum;
-    context->saved_data["rows"] = rows;
-    return torch::tensor(sum ? total : total / static_cast<double>(rows), hidden.options());
+    return loss_keeping_gradient(context, grad_hidden, total, sum, rows, hidden.options());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,

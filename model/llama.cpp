@@ -3,6 +3,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cassert>
 #include <cmath>
 
 #include "cluster/memory.h"
@@ -479,7 +480,7 @@ void LlamaModelImpl::add_lora(const LoraConfig& config, uint64_t seed) {
 }
 
 void LlamaModelImpl::ensure_attention_tables(int64_t sequence_length) {
-  if (attention_tables_length_ == sequence_length) return;
+  if (attention_tables_.cos.defined() && attention_tables_.cos.size(0) == sequence_length) return;
   auto inverse = rotary_inverse_frequencies(config_);
   auto positions = torch::arange(sequence_length, torch::kFloat);
   auto frequencies = torch::outer(positions, inverse);
@@ -492,9 +493,8 @@ void LlamaModelImpl::ensure_attention_tables(int64_t sequence_length) {
   tables.query_sin = tables.sin * score_scale;
   const int64_t group = config_.num_attention_heads / config_.num_key_value_heads;
   tables.causal_mask =
-      torch::ones({sequence_length, sequence_length}, torch::kBool).triu(1).repeat({group, 1}).contiguous();
+      torch::ones({sequence_length, sequence_length}, torch::kBool).triu(1).repeat({group, 1});
   attention_tables_ = std::move(tables);
-  attention_tables_length_ = sequence_length;
 }
 
 torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidden, bool output_value_read) {
@@ -502,7 +502,8 @@ torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidde
   if (quantized_blocks_) gatherer_->acquire(index);
   auto generator = at::make_generator<at::CPUGeneratorImpl>(
       mix_seed(dropout_seed_ ^ mix_seed(index * 1000003ull + static_cast<uint64_t>(communicator_.rank()))));
-  ensure_attention_tables(sequence);
+  // final_hidden built the tables for this sequence length; a recomputing checkpoint reuses them.
+  assert(attention_tables_.cos.defined() && attention_tables_.cos.size(0) == sequence);
   return blocks_[index]->forward(hidden, attention_tables_, &generator, output_value_read);
 }
 

@@ -159,8 +159,7 @@ class LlamaModelImpl : public torch::nn::Module {
   uint64_t dropout_seed_ = 0;
   LoadMemory load_memory_;
   shard::VocabRange vocab_range_;
-  AttentionTables attention_tables_;
-  int64_t attention_tables_length_ = 0;
+  AttentionTables attention_tables_;  // for the sequence length of the last forward
 };
 TORCH_MODULE(LlamaModel);
 
