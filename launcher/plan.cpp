@@ -173,9 +173,9 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, co
   // with intermediate/hidden 2.75 and 5.5, GQA and MHA, sequence lengths 64-1024; test_plan guards them.
   const int64_t hidden_elements = s.tokens * s.hidden;
   const int64_t intermediate_elements = s.tokens * s.intermediate;
-  const int64_t block_backward = std::max(
-      saved + (7 * intermediate_elements / 3 - hidden_elements / 2 + largest_weight) * element,
-      saved + (9 * s.scores / 4 - 3 * intermediate_elements - 6 * hidden_elements) * element);
+  const int64_t block_backward =
+      saved + std::max(7 * intermediate_elements / 3 - hidden_elements / 2 + largest_weight,
+                       9 * s.scores / 4 - 3 * intermediate_elements - 6 * hidden_elements) * element;
   if (checkpointing) {
     const int64_t kept_inputs = layers * hidden_bytes;
     result.forward = std::max({kept_inputs + block_peak_without_grad(s, largest_weight, mask_bytes, element),

@@ -21,7 +21,7 @@ configs = [  # (name, hidden, intermediate, layers, heads, kv heads, vocab, tied
  ("drop-off",256,704,4,8,4,4096,False,256,2,"off",0.1),
  ("big-off",512,1408,4,8,8,4096,True,512,2,"off",0),
 ]
-sel = sys.argv[1:] 
+sel = sys.argv[1:]
 for (n,h,i,l,a,kv,v,tied,seq,mb,ck,dr) in configs:
     if sel and n not in sel: continue
     cfg=dict(model_type="llama",hidden_size=h,intermediate_size=i,num_hidden_layers=l,num_attention_heads=a,num_key_value_heads=kv,vocab_size=v,max_position_embeddings=2048,rms_norm_eps=1e-5,rope_theta=10000.0,tie_word_embeddings=tied,torch_dtype="bfloat16")
