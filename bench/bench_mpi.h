@@ -4,7 +4,7 @@
 
 #include <mpi.h>
 
-#include "cluster/log.h"
+#include "common/log.h"
 
 namespace qlora::bench {
 
@@ -14,7 +14,7 @@ struct MpiSession {
     MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world);
-    cluster::log::set_rank(rank, world);
+    log::set_rank(rank, world);
   }
   ~MpiSession() { MPI_Finalize(); }
   MpiSession(const MpiSession&) = delete;

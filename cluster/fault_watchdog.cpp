@@ -27,7 +27,7 @@
 #include <random>
 #include <sstream>
 
-#include "cluster/log.h"
+#include "common/log.h"
 
 namespace qlora::cluster {
 namespace {

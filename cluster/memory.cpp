@@ -25,7 +25,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "cluster/log.h"
+#include "common/format.h"
+#include "common/log.h"
 #include "shard/json.h"
 
 namespace qlora::cluster {
@@ -244,7 +245,7 @@ std::string format_memory_table(const std::vector<MemoryReport>& reports) {
     std::snprintf(cell, sizeof cell, "%-6s", label.c_str());
     out << cell;
     for (const auto& column : kColumns) {
-      std::snprintf(cell, sizeof cell, " %13s", log::format_bytes(value_of(column)).c_str());
+      std::snprintf(cell, sizeof cell, " %13s", format_bytes(value_of(column)).c_str());
       out << cell;
     }
     out << '\n';

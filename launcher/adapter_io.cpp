@@ -4,24 +4,12 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/atomic_file.h"
 #include "launcher/errors.h"
 #include "shard/json.h"
 #include "shard/safetensors.h"
 
 namespace qlora::launcher {
-
-void write_file_atomically(const std::string& path, const std::string& text) {
-  const std::string temporary = path + ".tmp";
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    out << text;
-    out.flush();
-    if (!out) throw UserError("cannot write " + temporary, "check free disk space and permissions of the folder");
-  }
-  std::error_code error;
-  std::filesystem::rename(temporary, path, error);
-  if (error) throw UserError("cannot rename " + temporary + " to " + path + ": " + error.message());
-}
 
 void write_peft_adapter(const std::string& directory, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                         const model::LoraConfig& config, const std::string& base_model) {

@@ -15,7 +15,5 @@ namespace qlora::launcher {
 void write_peft_adapter(const std::string& directory, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                         const model::LoraConfig& config, const std::string& base_model);
 
-// Writes `text` to `path` through a temporary file and a rename.
-void write_file_atomically(const std::string& path, const std::string& text);
 
 }  // namespace qlora::launcher

@@ -160,8 +160,6 @@ CheckpointInfo load_checkpoint(const std::string& directory, cluster::Communicat
       header[5] = read_int_attribute(root.get(), "sequence_length", state_path);
     } catch (const UserError& error) {
       failure = error.what();
-    } catch (const shard::FormatError& error) {
-      failure = error.what();
     } catch (const shard::JsonError& error) {
       failure = directory + ": " + error.what();
     }

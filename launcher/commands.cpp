@@ -15,7 +15,8 @@
 #include <sstream>
 
 #include "cluster/fault_watchdog.h"
-#include "cluster/log.h"
+#include "common/format.h"
+#include "common/log.h"
 #include "cluster/memory.h"
 #include "launcher/errors.h"
 #include "launcher/evaluate.h"
@@ -84,7 +85,7 @@ std::pair<std::string, std::string> split_assignment(const std::string& item, co
 }
 
 void print_help(const std::string& synopsis, const po::options_description& options) {
-  if (!cluster::log::is_root()) return;
+  if (!log::is_root()) return;
   std::cout << synopsis << "\n\n" << options << std::flush;
 }
 
@@ -181,10 +182,10 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
                   "tensor data, %.3f bits/parameter, %.2f s",
                   static_cast<long long>(summary.tensors), static_cast<long long>(summary.parameters),
                   static_cast<long long>(summary.quantized_parameters), quantization.c_str(), out.c_str(),
-                  cluster::log::format_bytes(static_cast<double>(summary.store_bytes)).c_str(),
+                  format_bytes(static_cast<double>(summary.store_bytes)).c_str(),
                   8.0 * static_cast<double>(summary.store_bytes) / static_cast<double>(summary.parameters),
                   summary.seconds);
-    cluster::log::banner(line);
+    log::banner(line);
   });
   return 0;
 }
@@ -221,7 +222,7 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
       << " (besides embeddings, norms and LM head)\n"
       << "  tokenizer        " << header.tokenizer << "\n"
       << "  source           " << header.source << " (checksum " << header.source_checksum << ")\n"
-      << "  tensor data      " << cluster::log::format_bytes(static_cast<double>(store->data_bytes())) << "\n\n";
+      << "  tensor data      " << format_bytes(static_cast<double>(store->data_bytes())) << "\n\n";
   char row[256];
   std::snprintf(row, sizeof row, "  %-48s %-16s %-9s %-6s %12s\n", "tensor", "shape", "dtype", "quant", "bytes");
   out << row;
@@ -408,7 +409,7 @@ int run_report(const std::vector<std::string>& arguments, CommandContext& contex
     if (context.layout.rank != 0) return;
     const auto start = std::chrono::steady_clock::now();
     const RunRecord run = load_run(run_dir);
-    for (const auto& warning : run.warnings) cluster::log::warn(warning);
+    for (const auto& warning : run.warnings) log::warn(warning);
     const ReportImages images = write_report(run, out);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::string written = "report.md";
@@ -418,7 +419,7 @@ int run_report(const std::vector<std::string>& arguments, CommandContext& contex
     std::snprintf(line, sizeof line, "report: %zu steps (last loss %.4f), %zu evaluations, %zu ranks of memory -> %s/{%s} in %.2f s",
                   run.steps.size(), run.steps.back().loss, run.evaluations.size(), run.memory.size(), out.c_str(),
                   written.c_str(), seconds);
-    cluster::log::banner(line);
+    log::banner(line);
   });
   return 0;
 }
@@ -456,7 +457,7 @@ int run_eval(const std::vector<std::string>& arguments, CommandContext& context)
                 result.loss, result.perplexity, static_cast<long long>(result.windows),
                 static_cast<long long>(eval.sequence_length), eval.model_path.c_str(),
                 eval.adapter_dir.empty() ? "no adapter" : eval.adapter_dir.c_str());
-  cluster::log::banner(line);
+  log::banner(line);
   return 0;
 }
 

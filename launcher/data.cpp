@@ -9,7 +9,7 @@
 #include <fstream>
 #include <sstream>
 
-#include "cluster/log.h"
+#include "common/log.h"
 #include "launcher/demo.h"
 #include "launcher/errors.h"
 #include "launcher/token_cache.h"
@@ -249,7 +249,7 @@ std::shared_ptr<TokenStream> load_data_tokens(const std::string& data_path, cons
                     data_path.c_str(), cache.built ? "tokenized into" : "reusing", cache.path.c_str(),
                     static_cast<long long>(cache.tokens), static_cast<double>(cache.source_bytes) / 1e6,
                     tokenizer->kind().c_str(), cache.seconds);
-      cluster::log::banner(line);
+      log::banner(line);
     }
   });
   if (stream) return stream;

@@ -4,9 +4,6 @@
 #include <map>
 #include <vector>
 
-#include "model/llama.h"
-#include "prepare/prepare.h"
-#include "shard/safetensors.h"
 
 namespace qlora {
 
@@ -16,12 +13,6 @@ void run_collectively(cluster::Communicator& communicator, const std::function<v
     phase();
   } catch (const UserError& error) {
     failure = std::string(error.what()) + '\x1f' + error.hint;
-  } catch (const shard::FormatError& error) {
-    failure = std::string(error.what()) + '\x1f';
-  } catch (const prepare::PrepareError& error) {
-    failure = std::string(error.what()) + '\x1f';
-  } catch (const model::ModelError& error) {
-    failure = std::string(error.what()) + '\x1f';
   }
   if (communicator.size() == 1) {
     if (failure.empty()) return;

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "cluster/log.h"
+#include "common/log.h"
 #include "cluster/mpi_communicator.h"
 #include "cluster/rank_layout.h"
 #include "launcher/commands.h"
@@ -20,7 +20,7 @@
 namespace {
 
 void report_user_error(const std::string& message, const std::string& hint) {
-  if (!qlora::cluster::log::is_root()) return;  // every rank saw it; say it once
+  if (!qlora::log::is_root()) return;  // every rank saw it; say it once
   std::string text = "error: " + message + "\n";
   if (!hint.empty()) text += "hint: " + hint + "\n";
   std::fputs(text.c_str(), stderr);
@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
   int exit_code = 0;
   {
     auto layout = qlora::cluster::discover_rank_layout(MPI_COMM_WORLD);
-    qlora::cluster::log::set_rank(layout.rank, layout.world);
+    qlora::log::set_rank(layout.rank, layout.world);
     auto communicator = qlora::cluster::make_mpi_communicator(MPI_COMM_WORLD);
     qlora::launcher::CommandContext context{*communicator, layout, MPI_COMM_WORLD};
 
@@ -64,12 +64,6 @@ int main(int argc, char** argv) {
     } catch (const qlora::UserError& error) {
       if (!error.reported) report_user_error(error.what(), error.hint);
       exit_code = qlora::kExitUserError;
-    } catch (const qlora::shard::FormatError& error) {
-      report_user_error(error.what(), "");
-      exit_code = qlora::kExitUserError;
-    } catch (const qlora::prepare::PrepareError& error) {
-      report_user_error(error.what(), "");
-      exit_code = qlora::kExitUserError;
     } catch (const qlora::launcher::Preempted& error) {
       exit_code = qlora::launcher::kExitPreempted;
     } catch (const qlora::JobError& error) {
@@ -78,7 +72,7 @@ int main(int argc, char** argv) {
     } catch (const std::exception& error) {
       // Not a user error: a bug or a system failure on this rank. End every rank now rather than
       // leave the others waiting in a collective.
-      qlora::cluster::log::error(std::string("internal error: ") + error.what());
+      qlora::log::error(std::string("internal error: ") + error.what());
       communicator->abort(1);
     }
   }

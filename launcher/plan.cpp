@@ -9,7 +9,8 @@
 #include <sstream>
 
 #include "cluster/block_gather.h"
-#include "cluster/log.h"
+#include "common/format.h"
+#include "common/log.h"
 #include "launcher/errors.h"
 #include "model/chunked_loss.h"
 #include "shard/model_store.h"
@@ -379,7 +380,7 @@ std::vector<FitPoint> fit_search(const std::string& model_name, const shard::Mod
 }
 
 namespace {
-std::string bytes_text(int64_t bytes) { return cluster::log::format_bytes(bytes); }
+std::string bytes_text(int64_t bytes) { return format_bytes(bytes); }
 
 struct Field {
   const char* label;
@@ -490,14 +491,14 @@ std::string format_fit(const std::vector<FitPoint>& points, const Plan& plan) {
   std::ostringstream out;
   char line[256];
   std::snprintf(line, sizeof line, "largest micro-batch per sequence length within %s per rank:\n",
-                cluster::log::format_bytes(plan.job.device_memory).c_str());
+                format_bytes(plan.job.device_memory).c_str());
   out << line;
   std::snprintf(line, sizeof line, "%12s %12s %12s\n", "seq-len", "micro-batch", "peak");
   out << line;
   for (const auto& point : points) {
     std::snprintf(line, sizeof line, "%12lld %12s %12s\n", static_cast<long long>(point.sequence_length),
                   point.micro_batch > 0 ? std::to_string(point.micro_batch).c_str() : "none",
-                  point.micro_batch > 0 ? cluster::log::format_bytes(point.peak_bytes).c_str() : "-");
+                  point.micro_batch > 0 ? format_bytes(point.peak_bytes).c_str() : "-");
     out << line;
   }
   return out.str();

@@ -7,6 +7,7 @@
 #include <cassert>
 #include <cstdlib>
 
+#include "common/atomic_file.h"
 #include "launcher/adapter_io.h"
 
 namespace qlora::launcher::png {

@@ -13,6 +13,7 @@
 #include <map>
 #include <sstream>
 
+#include "common/atomic_file.h"
 #include "launcher/adapter_io.h"
 #include "launcher/errors.h"
 #include "launcher/plot.h"

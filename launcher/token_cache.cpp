@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/hash.h"
 #include "launcher/data.h"
 #include "launcher/errors.h"
 #include "shard/hdf5_file.h"
@@ -30,7 +31,7 @@ constexpr size_t kReadBlock = 4 << 20;
 
 // FNV-1a over each file's path relative to the source, its size and its bytes.
 std::string source_checksum(const std::string& data_path, const std::vector<fs::path>& files, uint64_t* total_bytes) {
-  shard::Fnv1a64 hash;
+  Fnv1a64 hash;
   const fs::path root(data_path);
   std::vector<char> block(kReadBlock);
   *total_bytes = 0;
@@ -197,7 +198,7 @@ std::string token_cache_path(const std::string& data_path) { return without_trai
 std::string fallback_token_cache_path(const std::string& data_path) {
   std::error_code error;
   const std::string absolute = fs::absolute(without_trailing_slash(data_path), error).string();
-  shard::Fnv1a64 hash;
+  Fnv1a64 hash;
   hash.update(absolute.data(), absolute.size());
   return cache_folder() + "/" + fs::path(absolute).filename().string() + "-" + hash.hex() + ".tokens.h5";
 }

@@ -14,7 +14,9 @@
 #include <sstream>
 
 #include "cluster/gradient_reducer.h"
-#include "cluster/log.h"
+#include "common/atomic_file.h"
+#include "common/hash.h"
+#include "common/log.h"
 #include "launcher/adapter_io.h"
 #include "launcher/checkpoint.h"
 #include "launcher/data.h"
@@ -35,7 +37,7 @@ double seconds_since(Clock::time_point start) { return std::chrono::duration<dou
 
 // FNV-1a over every adapter's bytes: equal on all ranks unless their replicas drifted apart.
 std::string adapter_checksum(model::LlamaModelImpl& model) {
-  shard::Fnv1a64 hash;
+  Fnv1a64 hash;
   for (const auto& parameter : model.lora_parameters()) {
     auto contiguous = parameter.detach().contiguous();
     hash.update(contiguous.data_ptr(), static_cast<size_t>(contiguous.numel()) * contiguous.element_size());
@@ -88,7 +90,7 @@ bool draws_on_a_terminal() {
 class Progress {
  public:
   Progress(int64_t first_step, int64_t steps, bool enabled, const std::string& style)
-      : first_step_(first_step), steps_(steps), enabled_(enabled && cluster::log::is_root()),
+      : first_step_(first_step), steps_(steps), enabled_(enabled && log::is_root()),
         terminal_(style == "bar" || (style == "auto" && draws_on_a_terminal())), start_(Clock::now()) {}
   void step(int64_t step, double loss, double learning_rate, double tokens_per_second, double step_seconds) {
     if (!enabled_) return;
@@ -110,14 +112,14 @@ class Progress {
       std::snprintf(line, sizeof line, "step %4lld/%lld  loss %.4f  lr %.2e  %8.0f tokens/s  %.3f s/step  ETA %s",
                     static_cast<long long>(step), static_cast<long long>(steps_), loss, learning_rate,
                     tokens_per_second, step_seconds, format_duration(eta).c_str());
-      cluster::log::banner(line);
+      log::banner(line);
     }
   }
   // Lines that interrupt the bar start on a fresh line.
   void message(const std::string& text) {
-    if (!cluster::log::is_root()) return;
+    if (!log::is_root()) return;
     if (enabled_ && terminal_) std::fputs("\n", stdout);
-    cluster::log::banner(text);
+    log::banner(text);
   }
 
  private:
@@ -280,8 +282,8 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     memory.adapters = cluster::MemoryCounter::current_bytes() - before;
     prepare::check_trainable(*model, result.preparation.method);
   });
-  if (!options.banner.empty()) cluster::log::banner(options.banner);
-  cluster::log::banner(result.preparation.summary());
+  if (!options.banner.empty()) log::banner(options.banner);
+  log::banner(result.preparation.summary());
   model->train();
 
   auto parameters = model->lora_parameters();
@@ -291,7 +293,7 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
   std::snprintf(lora_line, sizeof lora_line, "lora: r=%lld alpha=%g dropout=%g on %zu projections, %lld trainable parameters",
                 static_cast<long long>(options.lora.r), options.lora.alpha, options.lora.dropout, parameters.size() / 2,
                 static_cast<long long>(adapter_parameters));
-  cluster::log::banner(lora_line);
+  log::banner(lora_line);
 
   // Backward produces gradients from the last block to the first: bucket them in that order.
   std::vector<torch::Tensor> ready_order(parameters.rbegin(), parameters.rend());
@@ -326,12 +328,12 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
       const CheckpointInfo info = load_checkpoint(from, communicator, *model, optimizer);
       if (info.seed != options.seed || info.global_batch != options.global_batch ||
           info.sequence_length != options.sequence_length)
-        cluster::log::banner("warning: resuming with a different seed, global batch or sequence length than " + from +
+        log::banner("warning: resuming with a different seed, global batch or sequence length than " + from +
                              " was trained with; the data order will not continue where it stopped");
       first_step = info.step;
-      cluster::log::banner("resumed from " + from + " at step " + std::to_string(first_step));
+      log::banner("resumed from " + from + " at step " + std::to_string(first_step));
     } else {
-      cluster::log::banner("--resume auto: no checkpoint under " + options.out_dir + "/checkpoints; starting fresh");
+      log::banner("--resume auto: no checkpoint under " + options.out_dir + "/checkpoints; starting fresh");
     }
   }
   result.first_step = first_step;
@@ -493,16 +495,16 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
             << (world > 1 ? "s" : "") << "); waiting on rank 0: gradient all-reduce " << communication_seconds
             << " s (" << reducer.bucket_count() << " bucket" << (reducer.bucket_count() > 1 ? "s" : "")
             << "), 4-bit gathers " << result.gather.wait_seconds << " s";
-    cluster::log::banner(summary.str());
-    cluster::log::banner("memory per rank (measured by the counting allocator):");
-    cluster::log::banner(cluster::format_memory_table(result.all_memory));
+    log::banner(summary.str());
+    log::banner("memory per rank (measured by the counting allocator):");
+    log::banner(cluster::format_memory_table(result.all_memory));
   }
   if (options.write_outputs && rank == 0) {
     write_peft_adapter(options.out_dir + "/final", model->named_lora_parameters(), options.lora, base_model);
     save(options.steps, options.out_dir + "/checkpoints/step-" + std::to_string(options.steps));
     prune_checkpoints(options.out_dir, options.keep_checkpoints);
     write_file_atomically(options.out_dir + "/memory.json", cluster::memory_reports_json(result.all_memory));
-    if (!options.quiet) cluster::log::banner("adapter written to " + options.out_dir + "/final (PEFT format)");
+    if (!options.quiet) log::banner("adapter written to " + options.out_dir + "/final (PEFT format)");
   }
   if (inspect) inspect(*model);
   return result;

@@ -17,14 +17,15 @@
 
 #include "cluster/block_gather.h"
 #include "cluster/communicator.h"
+#include "common/errors.h"
 #include "model/lora.h"
 #include "shard/model_store.h"
 
 namespace qlora::model {
 
 // Thrown for model/adapter combinations a user asked for that cannot work (bad target, ...).
-struct ModelError : std::runtime_error {
-  using std::runtime_error::runtime_error;
+struct ModelError : UserError {
+  using UserError::UserError;
 };
 
 class LlamaModelImpl;

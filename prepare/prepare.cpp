@@ -3,7 +3,8 @@
 
 #include <sstream>
 
-#include "cluster/log.h"
+#include "common/format.h"
+#include "common/log.h"
 
 namespace qlora::prepare {
 
@@ -102,7 +103,7 @@ std::string PrepareReport::summary() const {
   std::ostringstream out;
   out << "prepare: quantization " << method_name(method) << "; froze " << parameters_frozen << " tensors ("
       << elements_frozen << " parameters); upcast " << upcast.size() << " tensors to fp32 (+"
-      << cluster::log::format_bytes(static_cast<double>(upcast_added_bytes)) << ")";
+      << format_bytes(static_cast<double>(upcast_added_bytes)) << ")";
   if (!kept_16bit.empty()) out << "; kept " << kept_16bit.size() << " in 16-bit";
   out << "; gradient checkpointing " << (gradient_checkpointing ? "on" : "off");
   if (gradient_checkpointing) out << (input_require_grads_hook ? " (reentrant, input hook set)" : " (non-reentrant)");

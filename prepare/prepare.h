@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "model/llama.h"
+#include "common/errors.h"
 
 namespace qlora::prepare {
 
@@ -36,8 +37,8 @@ struct PrepareReport {
   std::string summary() const;        // multi-line, for the banner
 };
 
-struct PrepareError : std::runtime_error {
-  using std::runtime_error::runtime_error;
+struct PrepareError : UserError {
+  using UserError::UserError;
 };
 
 PrepareReport prepare_model_for_kbit_training(model::LlamaModelImpl& model, const PrepareOptions& options);

@@ -12,6 +12,7 @@
 #include <sstream>
 #include <vector>
 
+#include "common/hash.h"
 #include "kernels/double_quant.h"
 #include "kernels/dtype.h"
 #include "kernels/int8.h"

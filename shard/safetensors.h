@@ -9,16 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "common/errors.h"
 #include "kernels/dtype.h"
 
 namespace qlora::shard {
 
-// Every user-caused input problem is reported as a FormatError whose message names the file and,
-// where relevant, the tensor; the launcher turns it into exit code 2.
-struct FormatError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
+// Every user-caused input problem is reported as a FormatError (common/errors.h) whose message
+// names the file and, where relevant, the tensor.
 struct SafetensorsEntry {
   std::string name;
   std::string dtype_code;           // as written: "F32", "F16", "BF16", "U8", "I8", "I32", "I64", ...

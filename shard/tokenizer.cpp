@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "common/hash.h"
 #include "shard/bpe_tokenizer.h"
 #include "shard/gguf.h"
 #include "shard/json.h"

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <random>
 
+#include "common/hash.h"
 #include "kernels/dtype.h"
 #include "kernels/nf4.h"
 #include "shard/converter.h"
@@ -25,18 +26,18 @@ using testing_support::synthetic_store;
 TEST(Checksum, FourLaneFnvMatchesItsDefinitionWhateverTheSplit) {
   std::vector<uint8_t> bytes(100);
   for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<uint8_t>(i);
-  shard::Fnv1a64 whole;
+  Fnv1a64 whole;
   whole.update(bytes.data(), bytes.size());
   EXPECT_EQ(whole.hex(), "741ca261447f7485");
   for (size_t first : {1, 7, 31, 32, 33, 64, 99}) {
-    shard::Fnv1a64 split;
+    Fnv1a64 split;
     split.update(bytes.data(), first);
     split.update(bytes.data() + first, 3 < bytes.size() - first ? 3 : bytes.size() - first);
     if (first + 3 < bytes.size()) split.update(bytes.data() + first + 3, bytes.size() - first - 3);
     EXPECT_EQ(split.hex(), "741ca261447f7485") << "split at " << first;
   }
-  EXPECT_EQ(shard::Fnv1a64().hex(), "939e3a8b38c8fe25");
-  shard::Fnv1a64 word;
+  EXPECT_EQ(Fnv1a64().hex(), "939e3a8b38c8fe25");
+  Fnv1a64 word;
   word.update("qlora", 5);
   EXPECT_EQ(word.hex(), "dd1e6fd5325eacf8");
 }

@@ -1,10 +1,10 @@
 // Implementation of the rank-aware log; whole lines are written with one call so ranks that share
 // a terminal do not interleave mid-line.
-#include "cluster/log.h"
+#include "common/log.h"
 
 #include <cstdio>
 
-namespace qlora::cluster::log {
+namespace qlora::log {
 namespace {
 int g_rank = 0;
 int g_world = 1;
@@ -34,17 +34,5 @@ void info(const std::string& line) { write_line(stdout, "", line); }
 void warn(const std::string& line) { write_line(stderr, "warning: ", line); }
 void error(const std::string& line) { write_line(stderr, "error: ", line); }
 
-std::string format_bytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int unit = 0;
-  double value = bytes;
-  while ((value >= 1024.0 || value <= -1024.0) && unit < 4) {
-    value /= 1024.0;
-    ++unit;
-  }
-  char text[32];
-  std::snprintf(text, sizeof text, unit == 0 ? "%.0f %s" : "%.2f %s", value, units[unit]);
-  return text;
-}
 
-}  // namespace qlora::cluster::log
+}  // namespace qlora::log

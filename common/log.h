@@ -4,7 +4,7 @@
 
 #include <string>
 
-namespace qlora::cluster::log {
+namespace qlora::log {
 
 void set_rank(int rank, int world);
 int rank();
@@ -15,6 +15,4 @@ void info(const std::string& line);     // every rank, stdout, tagged when world
 void warn(const std::string& line);     // every rank, stderr, "warning: " and tagged
 void error(const std::string& line);    // every rank, stderr, "error: " and tagged
 
-std::string format_bytes(double bytes);  // "12.3 MiB"
-
-}  // namespace qlora::cluster::log
+}  // namespace qlora::log

@@ -1,0 +1,115 @@
+// Checked reads and safe writes on top of nlohmann-json.
+#include "common/json.h"
+
+#include <cmath>
+#include <limits>
+
+namespace qlora {
+namespace {
+
+[[noreturn]] void fail(const std::string& label, const std::string& what) { throw FormatError(label + ": " + what); }
+
+const Json& field(const Json& object, const std::string& key, const std::string& label) {
+  if (!object.is_object()) fail(label, "expected a JSON object holding \"" + key + "\"");
+  const auto found = object.find(key);
+  if (found == object.end()) fail(label, "missing field \"" + key + "\"");
+  return *found;
+}
+
+const Json* optional_field(const Json& object, const std::string& key, const std::string& label) {
+  if (!object.is_object()) fail(label, "expected a JSON object holding \"" + key + "\"");
+  const auto found = object.find(key);
+  if (found == object.end() || found->is_null()) return nullptr;
+  return &*found;
+}
+
+std::string kind_of(const Json& value) {
+  return std::string(value.type_name());
+}
+
+double as_double(const Json& value, const std::string& what) {
+  if (!value.is_number()) throw FormatError(what + " must be a number, not " + kind_of(value));
+  return value.get<double>();
+}
+
+std::string as_string(const Json& value, const std::string& what) {
+  if (!value.is_string()) throw FormatError(what + " must be a string, not " + kind_of(value));
+  return value.get<std::string>();
+}
+
+bool as_bool(const Json& value, const std::string& what) {
+  if (!value.is_boolean()) throw FormatError(what + " must be true or false, not " + kind_of(value));
+  return value.get<bool>();
+}
+
+std::string field_name(const std::string& label, const std::string& key) { return label + ": field \"" + key + "\""; }
+
+}  // namespace
+
+Json parse_json(std::string_view text, const std::string& label) {
+  try {
+    return Json::parse(text.begin(), text.end());
+  } catch (const Json::parse_error& error) {
+    // nlohmann's message starts with "[json.exception.parse_error.101] parse error at line 1,
+    // column 5: ..."; the part after the bracket is what a user can act on.
+    std::string reason = error.what();
+    const auto bracket = reason.find("] ");
+    if (bracket != std::string::npos) reason = reason.substr(bracket + 2);
+    fail(label, "invalid JSON: " + reason);
+  }
+}
+
+std::string dump_json(const Json& value, int indent) {
+  return value.dump(indent, ' ', /*ensure_ascii=*/false, Json::error_handler_t::replace);
+}
+
+int64_t json_as_int(const Json& value, const std::string& what) {
+  if (value.is_number_unsigned()) {
+    const auto unsigned_value = value.get<uint64_t>();
+    if (unsigned_value > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      throw FormatError(what + " is beyond the int64 range");
+    return static_cast<int64_t>(unsigned_value);
+  }
+  if (value.is_number_integer()) return value.get<int64_t>();
+  if (value.is_number_float()) {
+    // Writers such as Python's json sometimes emit 4096.0 for an integer field; accept exact ones.
+    constexpr double kTwoTo63 = 9223372036854775808.0;
+    const double number = value.get<double>();
+    if (std::trunc(number) == number && number >= -kTwoTo63 && number < kTwoTo63) return static_cast<int64_t>(number);
+    throw FormatError(what + " must be an integer, not " + value.dump());
+  }
+  throw FormatError(what + " must be an integer, not " + kind_of(value));
+}
+
+int64_t json_int(const Json& object, const std::string& key, const std::string& label) {
+  return json_as_int(field(object, key, label), field_name(label, key));
+}
+double json_double(const Json& object, const std::string& key, const std::string& label) {
+  return as_double(field(object, key, label), field_name(label, key));
+}
+std::string json_string(const Json& object, const std::string& key, const std::string& label) {
+  return as_string(field(object, key, label), field_name(label, key));
+}
+bool json_bool(const Json& object, const std::string& key, const std::string& label) {
+  return as_bool(field(object, key, label), field_name(label, key));
+}
+
+int64_t json_int_or(const Json& object, const std::string& key, int64_t fallback, const std::string& label) {
+  const Json* value = optional_field(object, key, label);
+  return value ? json_as_int(*value, field_name(label, key)) : fallback;
+}
+double json_double_or(const Json& object, const std::string& key, double fallback, const std::string& label) {
+  const Json* value = optional_field(object, key, label);
+  return value ? as_double(*value, field_name(label, key)) : fallback;
+}
+std::string json_string_or(const Json& object, const std::string& key, const std::string& fallback,
+                           const std::string& label) {
+  const Json* value = optional_field(object, key, label);
+  return value ? as_string(*value, field_name(label, key)) : fallback;
+}
+bool json_bool_or(const Json& object, const std::string& key, bool fallback, const std::string& label) {
+  const Json* value = optional_field(object, key, label);
+  return value ? as_bool(*value, field_name(label, key)) : fallback;
+}
+
+}  // namespace qlora
