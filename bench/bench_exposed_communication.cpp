@@ -10,6 +10,7 @@
 
 #include "bench/bench_mpi.h"
 #include "cluster/mpi_communicator.h"
+#include "launcher/threads.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
 #include "shard/json.h"
@@ -27,7 +28,7 @@ int main(int argc, char** argv) {
   MPI_Barrier(MPI_COMM_WORLD);
   auto communicator = qlora::cluster::make_mpi_communicator(MPI_COMM_WORLD);
   auto layout = qlora::cluster::discover_rank_layout(MPI_COMM_WORLD);
-  qlora::cluster::assign_threads(layout, 0);
+  const int threads = qlora::launcher::assign_threads(layout, 0);
 
   struct Variant {
     const char* name;
@@ -51,7 +52,7 @@ int main(int argc, char** argv) {
     options.sequence_length = 128;
     options.write_outputs = false;
     options.quiet = true;
-    options.threads = layout.threads;
+    options.threads = threads;
     options.prefetch = variant.prefetch;
     options.overlap_reduce = variant.overlap;
     options.bucket_mb = variant.bucket_mb;

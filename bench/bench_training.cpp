@@ -13,6 +13,7 @@
 #include "bench/bench_mpi.h"
 #include "cluster/memory.h"
 #include "cluster/mpi_communicator.h"
+#include "launcher/threads.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
 #include "shard/json.h"
@@ -59,7 +60,7 @@ int main(int argc, char** argv) {
   MPI_Barrier(MPI_COMM_WORLD);
   auto communicator = qlora::cluster::make_mpi_communicator(MPI_COMM_WORLD);
   auto layout = qlora::cluster::discover_rank_layout(MPI_COMM_WORLD);
-  qlora::cluster::assign_threads(layout, 0);
+  const int threads = qlora::launcher::assign_threads(layout, 0);
   // The GEMM peak available to this rank, with every rank measuring at once like they train.
   MPI_Barrier(MPI_COMM_WORLD);
   double peak_gflops = measure_gemm_peak_gflops();
@@ -83,7 +84,7 @@ int main(int argc, char** argv) {
   if (rank == 0)
     std::printf("# SmolLM2-135M shape, %d rank(s) x %d thread(s), 4 x %lld tokens per rank per step, LoRA r=16; "
                 "fp32 GEMM peak over all ranks %.1f GFLOP/s\n",
-                world, layout.threads, static_cast<long long>(sequence), peak_gflops);
+                world, threads, static_cast<long long>(sequence), peak_gflops);
   for (const bool checkpointing : {true, false}) {
     qlora::launcher::TrainOptions options;
     options.model_path = model_path;
@@ -96,7 +97,7 @@ int main(int argc, char** argv) {
     options.eval_fraction = 0;
     options.write_outputs = false;
     options.quiet = true;
-    options.threads = layout.threads;
+    options.threads = threads;
     options.prepare.use_gradient_checkpointing = checkpointing;
     // The previous configuration's cached blocks go back to the system before its peak is reset.
     qlora::cluster::MemoryCounter::release_cache();
@@ -134,7 +135,7 @@ int main(int argc, char** argv) {
     qlora::shard::Json out;
     out["benchmark"] = "training_smollm2_shape";
     out["ranks"] = world;
-    out["threads_per_rank"] = layout.threads;
+    out["threads_per_rank"] = threads;
     out["steps"] = steps;
     out["tokens_per_step_per_rank"] = 4 * sequence;
     out["gemm_peak_gflops_all_ranks"] = peak_gflops;

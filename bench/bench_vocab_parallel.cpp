@@ -14,6 +14,7 @@
 #include "bench/bench_mpi.h"
 #include "cluster/mpi_communicator.h"
 #include "cluster/rank_layout.h"
+#include "launcher/threads.h"
 #include "model/chunked_loss.h"
 #include "shard/json.h"
 #include "shard/shard_plan.h"
@@ -35,7 +36,7 @@ int main(int argc, char** argv) {
   auto communicator = qlora::cluster::make_mpi_communicator(MPI_COMM_WORLD);
   auto self = qlora::cluster::make_mpi_communicator(MPI_COMM_SELF);
   auto layout = qlora::cluster::discover_rank_layout(MPI_COMM_WORLD);
-  qlora::cluster::assign_threads(layout, 0);
+  const int threads = qlora::launcher::assign_threads(layout, 0);
 
   constexpr int64_t vocab = 49152;
   constexpr int64_t hidden_size = 576;
@@ -74,7 +75,7 @@ int main(int argc, char** argv) {
   if (rank == 0) {
     std::printf("# embedding + LM-head loss, vocab %lld x hidden %lld, %lld tokens per rank, %d rank(s) x %d thread(s)\n",
                 static_cast<long long>(vocab), static_cast<long long>(hidden_size), static_cast<long long>(tokens), world,
-                layout.threads);
+                threads);
     std::printf("  whole table per rank      %8.1f ms  (%.1f MiB fp32 table)\n", replicated_seconds * 1e3,
                 static_cast<double>(vocab * hidden_size * 4) / 1048576.0);
     std::printf("  vocabulary-parallel       %8.1f ms  (%.1f MiB fp32 slice on rank 0)\n", parallel_seconds * 1e3,
@@ -82,7 +83,7 @@ int main(int argc, char** argv) {
     qlora::shard::Json out;
     out["benchmark"] = "vocab_parallel_embedding_and_loss";
     out["ranks"] = world;
-    out["threads_per_rank"] = layout.threads;
+    out["threads_per_rank"] = threads;
     out["vocab"] = vocab;
     out["hidden"] = hidden_size;
     out["tokens_per_rank"] = tokens;

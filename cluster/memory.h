@@ -1,5 +1,6 @@
 // Measured memory per rank: a counting (and block-caching) wrapper around LibTorch's CPU allocator
-// (every tensor's bytes, current and peak), and the per-rank report rank 0 gathers into one table.
+// (every tensor's bytes, current and peak), and the per-rank figures rank 0 gathers
+// (cluster/memory_report.h turns them into the table and memory.json).
 #pragma once
 
 #include <cstdint>
@@ -42,11 +43,6 @@ struct MemoryReport {
   std::string to_record() const;     // one line, for gather_to_root
   static MemoryReport from_record(const std::string& record);
 };
-
-// Rank 0: the per-rank table plus min / max / mean rows, ready to print.
-std::string format_memory_table(const std::vector<MemoryReport>& reports);
-// Rank 0: the same data as JSON (memory.json).
-std::string memory_reports_json(const std::vector<MemoryReport>& reports);
 
 // Collective: every rank passes its report, rank 0 gets them all (others get {}).
 std::vector<MemoryReport> gather_memory_reports(Communicator& communicator, const MemoryReport& report);

@@ -1,17 +1,14 @@
-// Rank discovery and per-rank thread budgets.
+// Rank discovery: which rank, node and local rank this process is, and the node table.
 #include "cluster/rank_layout.h"
 
-#include <dlfcn.h>
-#include <torch/torch.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
-#include <thread>
 
 #include "cluster/mpi_communicator.h"
-#include "kernels/parallel.h"
 
 namespace qlora::cluster {
 
@@ -49,29 +46,6 @@ RankLayout discover_rank_layout(MPI_Comm comm) {
   else
     layout.launcher = "single process";
   return layout;
-}
-
-int assign_threads(RankLayout& layout, int threads) {
-  if (threads <= 0) {
-    const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    threads = std::max(1, cores / std::max(1, layout.local_size));
-  }
-  layout.threads = threads;
-  kernels::set_kernel_threads(threads);  // the dequantization pool, too, gets only this rank's share
-  // OpenBLAS sizes its pool at load time from the whole machine; shrink it to our share. Looked up
-  // dynamically because the BLAS behind LibTorch may not be OpenBLAS.
-  using SetThreads = void (*)(int);
-  auto set_blas_threads = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-  if (set_blas_threads != nullptr) {
-    set_blas_threads(threads);
-    // With OpenBLAS doing the GEMMs, ATen's OpenMP workers spin between ops and steal the cores
-    // OpenBLAS's own threads need: measured here (2 cores, 1024x256x256 fp32 GEMM + SiLU) 70 GFLOP/s
-    // with one ATen thread against 26 with two. Element-wise ops stay single-threaded.
-    torch::set_num_threads(1);
-  } else {
-    torch::set_num_threads(threads);
-  }
-  return threads;
 }
 
 std::vector<std::string> describe_nodes(MPI_Comm comm, const RankLayout& layout) {

@@ -1,5 +1,6 @@
 // Where this process sits in the job: rank, world, local rank and node, all from MPI (never from
-// launcher environment variables, which mpirun-inside-sbatch gets wrong), plus the thread budget.
+// launcher environment variables, which mpirun-inside-sbatch gets wrong). How many threads a rank
+// then uses is the launcher's policy (launcher/threads.h).
 #pragma once
 
 #include <mpi.h>
@@ -18,15 +19,10 @@ struct RankLayout {
   int nodes = 1;
   std::string hostname;
   std::string launcher;      // "mpirun", "srun", or "single process": informational only
-  int threads = 1;           // compute threads this rank uses (cores / local ranks)
 };
 
 // Collective over `comm`.
 RankLayout discover_rank_layout(MPI_Comm comm);
-
-// Gives this rank its share of the node's cores: ATen's intra-op pool and OpenBLAS's threads, so
-// co-located ranks do not oversubscribe each other. `threads` <= 0 means "cores / local ranks".
-int assign_threads(RankLayout& layout, int threads);
 
 // One line per node for the banner: "host (ranks 0-1, local 0..1)".
 std::vector<std::string> describe_nodes(MPI_Comm comm, const RankLayout& layout);

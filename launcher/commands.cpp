@@ -22,6 +22,7 @@
 #include "launcher/evaluate.h"
 #include "launcher/plan.h"
 #include "launcher/report.h"
+#include "launcher/threads.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
 #include "shard/json.h"
@@ -450,7 +451,7 @@ int run_eval(const std::vector<std::string>& arguments, CommandContext& context)
   eval.sequence_length = values["seq-len"].as<int64_t>();
   eval.max_windows = values["windows"].as<int64_t>();
   eval.micro_batch = values["micro-batch"].as<int64_t>();
-  cluster::assign_threads(context.layout, values["threads"].as<int>());
+  assign_threads(context.layout, values["threads"].as<int>());
   const auto result = run_evaluation(eval, context.communicator);
   char line[256];
   std::snprintf(line, sizeof line, "eval: loss %.6f  perplexity %.4f  over %lld windows x %lld tokens (%s, %s)",
@@ -610,7 +611,7 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   if (std::filesystem::exists(train.out_dir) && !std::filesystem::is_directory(train.out_dir))
     throw UserError("--out " + train.out_dir + " exists and is not a folder");
 
-  const int threads = cluster::assign_threads(context.layout, train.threads);
+  const int threads = assign_threads(context.layout, train.threads);
   const auto nodes = cluster::describe_nodes(context.comm, context.layout);
   std::ostringstream banner;
   banner << "qlora train: " << context.layout.world << " rank" << (context.layout.world > 1 ? "s" : "") << " ("

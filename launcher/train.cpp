@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "cluster/gradient_reducer.h"
+#include "cluster/memory_report.h"
 #include "common/atomic_file.h"
 #include "common/hash.h"
 #include "common/log.h"

@@ -15,10 +15,12 @@
 #include "common/hash.h"
 #include "kernels/double_quant.h"
 #include "kernels/dtype.h"
+#include "kernels/ggml_blocks.h"
 #include "kernels/int8.h"
 #include "kernels/nf4.h"
 #include "shard/bnb_checkpoint.h"
 #include "shard/gguf.h"
+#include "shard/llama_tensor_map.h"
 #include "shard/safetensors.h"
 #include "shard/tokenizer.h"
 
@@ -398,8 +400,8 @@ ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string
     if (tensor.shape != expected)
       throw FormatError(where + " has shape " + shape_text(tensor.shape) + " but the metadata implies " +
                         shape_text(expected));
-    if (!ggml_type_dequantizable(tensor.type))
-      throw FormatError(where + " is " + ggml_type_name(tensor.type) +
+    if (!kernels::ggml_type_dequantizable(tensor.type))
+      throw FormatError(where + " is " + kernels::ggml_type_name(tensor.type) +
                         ", which qlora cannot import (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
     const uint8_t* data = file->data(tensor);
     checksum.update(data, tensor.bytes);
@@ -418,6 +420,7 @@ ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string
       data = reordered.data();
     }
 
+    namespace ggml_type = kernels::ggml_type;
     const bool dense_type =
         tensor.type == ggml_type::f32 || tensor.type == ggml_type::f16 || tensor.type == ggml_type::bf16;
     const kernels::DType dense_dtype = tensor.type == ggml_type::f16    ? kernels::DType::f16
@@ -426,14 +429,14 @@ ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string
     const int64_t numel = tensor.numel();
     if (quantizes(name, options)) {
       values.resize(static_cast<size_t>(numel));
-      dequantize_ggml(tensor.type, data, numel, values.data());
+      kernels::dequantize_ggml(tensor.type, data, numel, values.data());
       write_quantized(writer, name, tensor.shape, dense_dtype, values, options, gguf_path, summary);
     } else if (dense_type) {
       writer.add_dense(name, tensor.shape, dense_dtype, data);
       summary.store_bytes += tensor.bytes;
     } else {
       values.resize(static_cast<size_t>(numel));
-      dequantize_ggml(tensor.type, data, numel, values.data());
+      kernels::dequantize_ggml(tensor.type, data, numel, values.data());
       writer.add_dense(name, tensor.shape, kernels::DType::f32, values.data());
       summary.store_bytes += static_cast<uint64_t>(numel) * sizeof(float);
     }

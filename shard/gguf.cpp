@@ -1,8 +1,8 @@
-// GGUF reader, ggml block dequantization and the Llama name/config/row-order conventions. A GGUF
-// file comes from outside, so nothing in it is trusted: every length is checked against the bytes
-// that remain before it is used, every count against the least space its entries could take
-// (so a forged count cannot make us allocate or loop far past the file), and every tensor's
-// extent against the data section, before any pointer into the mapping is handed out.
+// GGUF reader and the Llama model config its metadata describes. A GGUF file comes from outside, so
+// nothing in it is trusted: every length is checked against the bytes that remain before it is
+// used, every count against the least space its entries could take (so a forged count cannot make
+// us allocate or loop far past the file), and every tensor's extent against the data section,
+// before any pointer into the mapping is handed out.
 #include "shard/gguf.h"
 
 #include <fcntl.h>
@@ -19,9 +19,7 @@
 #include <numeric>
 #include <stdexcept>
 
-#include "kernels/dtype.h"
-#include "shard/json.h"
-#include "shard/safetensors.h"
+#include "common/errors.h"
 
 namespace qlora::shard {
 namespace {
@@ -39,25 +37,6 @@ constexpr uint64_t kMaxTensorNameBytes = 64;
 constexpr uint64_t kMaxReserve = 4096;
 constexpr const char* kAlignmentKey = "general.alignment";
 constexpr double kPi = 3.14159265358979323846;
-
-// Every type ggml defines, so that files holding types qlora cannot dequantize still get their
-// layout checked. Block sizes from ggml.c's type_traits (Q8_1 is 36 bytes there: two fp16, 32 int8;
-// the gguf Python package's table still says 40 from when d and s were fp32).
-struct TypeEntry {
-  uint32_t id;
-  GgmlTypeInfo info;
-};
-constexpr TypeEntry kGgmlTypes[] = {
-    {0, {"F32", 1, 4}},          {1, {"F16", 1, 2}},         {2, {"Q4_0", 32, 18}},      {3, {"Q4_1", 32, 20}},
-    {6, {"Q5_0", 32, 22}},       {7, {"Q5_1", 32, 24}},      {8, {"Q8_0", 32, 34}},      {9, {"Q8_1", 32, 36}},
-    {10, {"Q2_K", 256, 84}},     {11, {"Q3_K", 256, 110}},   {12, {"Q4_K", 256, 144}},   {13, {"Q5_K", 256, 176}},
-    {14, {"Q6_K", 256, 210}},    {15, {"Q8_K", 256, 292}},   {16, {"IQ2_XXS", 256, 66}}, {17, {"IQ2_XS", 256, 74}},
-    {18, {"IQ3_XXS", 256, 98}},  {19, {"IQ1_S", 256, 50}},   {20, {"IQ4_NL", 32, 18}},   {21, {"IQ3_S", 256, 110}},
-    {22, {"IQ2_S", 256, 82}},    {23, {"IQ4_XS", 256, 136}}, {24, {"I8", 1, 1}},         {25, {"I16", 1, 2}},
-    {26, {"I32", 1, 4}},         {27, {"I64", 1, 8}},        {28, {"F64", 1, 8}},        {29, {"IQ1_M", 256, 56}},
-    {30, {"BF16", 1, 2}},        {34, {"TQ1_0", 256, 54}},   {35, {"TQ2_0", 256, 66}},   {39, {"MXFP4", 32, 17}},
-    {40, {"NVFP4", 64, 36}},     {41, {"Q1_0", 128, 18}},
-};
 
 // Bytes of one scalar metadata value; 0 for string and array, whose size is in the file.
 uint64_t fixed_value_bytes(GgufType type) {
@@ -227,54 +206,6 @@ bool integer_at(const uint8_t* at, GgufType type, int64_t* value) {
 std::string tensor_where(const std::string& path, const std::string& name) { return path + ": tensor '" + name + "'"; }
 std::string key_where(const std::string& path, const std::string& key) { return path + ": key '" + key + "'"; }
 
-// ---- ggml block formats (ggml-common.h / ggml-quants.c) -----------------------------------------
-// Q8_0: fp16 d, int8 q[32];          x = q * d
-// Q4_0: fp16 d, uint8 qs[16];        x[j] = (qs[j] & 15) - 8) * d, x[j + 16] = ((qs[j] >> 4) - 8) * d
-// Q4_1: fp16 d, fp16 m, uint8 qs[16]; x[j] = (qs[j] & 15) * d + m, x[j + 16] = (qs[j] >> 4) * d + m
-// Products and sums are single fp32 operations, as in ggml's C and numpy; Q4_1 must not be fused
-// into an FMA or the results stop matching the reference bit for bit.
-
-void dequantize_q8_0(const uint8_t* data, int64_t blocks, float* output) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = data + b * 34;
-    const float d = kernels::fp16_to_float(load<uint16_t>(block));
-    for (int j = 0; j < 32; ++j) output[b * 32 + j] = static_cast<float>(static_cast<int8_t>(block[2 + j])) * d;
-  }
-}
-
-void dequantize_q4_0(const uint8_t* data, int64_t blocks, float* output) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = data + b * 18;
-    const float d = kernels::fp16_to_float(load<uint16_t>(block));
-    for (int j = 0; j < 16; ++j) {
-      const uint8_t packed = block[2 + j];
-      output[b * 32 + j] = static_cast<float>((packed & 0x0f) - 8) * d;
-      output[b * 32 + j + 16] = static_cast<float>((packed >> 4) - 8) * d;
-    }
-  }
-}
-
-#if defined(__clang__)
-void dequantize_q4_1(const uint8_t* data, int64_t blocks, float* output) {
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-__attribute__((optimize("fp-contract=off"))) void dequantize_q4_1(const uint8_t* data, int64_t blocks,
-                                                                   float* output) {
-#else
-void dequantize_q4_1(const uint8_t* data, int64_t blocks, float* output) {
-#endif
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = data + b * 20;
-    const float d = kernels::fp16_to_float(load<uint16_t>(block));
-    const float m = kernels::fp16_to_float(load<uint16_t>(block + 2));
-    for (int j = 0; j < 16; ++j) {
-      const uint8_t packed = block[4 + j];
-      output[b * 32 + j] = static_cast<float>(packed & 0x0f) * d + m;
-      output[b * 32 + j + 16] = static_cast<float>(packed >> 4) * d + m;
-    }
-  }
-}
-
 }  // namespace
 
 // ---- types --------------------------------------------------------------------------------------
@@ -284,47 +215,6 @@ std::string gguf_type_name(GgufType type) {
                                       "bool",  "string", "array",  "uint64", "int64", "float64"};
   const auto index = static_cast<uint32_t>(type);
   return index < sizeof names / sizeof names[0] ? names[index] : "type " + std::to_string(index);
-}
-
-const GgmlTypeInfo* ggml_type_info(uint32_t type) {
-  for (const TypeEntry& entry : kGgmlTypes) {
-    if (entry.id == type) return &entry.info;
-  }
-  return nullptr;
-}
-
-std::string ggml_type_name(uint32_t type) {
-  const GgmlTypeInfo* info = ggml_type_info(type);
-  return info != nullptr ? info->name : "type " + std::to_string(type);
-}
-
-bool ggml_type_dequantizable(uint32_t type) {
-  return type == ggml_type::f32 || type == ggml_type::f16 || type == ggml_type::bf16 || type == ggml_type::q8_0 ||
-         type == ggml_type::q4_0 || type == ggml_type::q4_1;
-}
-
-void dequantize_ggml(uint32_t type, const uint8_t* data, int64_t n, float* output) {
-  const GgmlTypeInfo* info = ggml_type_info(type);
-  if (!ggml_type_dequantizable(type) || info == nullptr)
-    throw std::invalid_argument("dequantize_ggml: cannot dequantize ggml " + ggml_type_name(type));
-  if (n < 0 || n % info->block_elements != 0)
-    throw std::invalid_argument("dequantize_ggml: " + std::to_string(n) + " elements is not a whole number of " +
-                                info->name + " blocks");
-  // An empty tensor's buffers may be null, and memcpy must never see a null pointer (found by fuzzing).
-  if (n == 0) return;
-  switch (type) {
-    case ggml_type::f32: std::memcpy(output, data, static_cast<size_t>(n) * sizeof(float)); return;
-    case ggml_type::f16:
-      for (int64_t i = 0; i < n; ++i) output[i] = kernels::fp16_to_float(load<uint16_t>(data + 2 * i));
-      return;
-    case ggml_type::bf16:
-      for (int64_t i = 0; i < n; ++i) output[i] = kernels::bf16_to_float(load<uint16_t>(data + 2 * i));
-      return;
-    case ggml_type::q8_0: dequantize_q8_0(data, n / 32, output); return;
-    case ggml_type::q4_0: dequantize_q4_0(data, n / 32, output); return;
-    case ggml_type::q4_1: dequantize_q4_1(data, n / 32, output); return;
-    default: break;
-  }
 }
 
 int64_t GgufTensor::numel() const {
@@ -473,7 +363,7 @@ void GgufFile::parse_image() {
         throw FormatError(where + ": element count of shape " + shape_text(tensor.shape) + " overflows int64");
     }
     tensor.type = cursor.u32(field + " type");
-    const GgmlTypeInfo* info = ggml_type_info(tensor.type);
+    const kernels::GgmlTypeInfo* info = kernels::ggml_type_info(tensor.type);
     if (info == nullptr) throw FormatError(where + " has unknown ggml type " + std::to_string(tensor.type));
     const int64_t row = dims == 0 ? 1 : innermost_first[0];
     if (row % info->block_elements != 0)
@@ -649,10 +539,10 @@ const uint8_t* GgufFile::data(const GgufTensor& tensor) const {
 }
 
 void GgufFile::dequantize(const GgufTensor& tensor, float* output) const {
-  if (!ggml_type_dequantizable(tensor.type))
-    throw FormatError(tensor_where(path_, tensor.name) + " is " + ggml_type_name(tensor.type) +
+  if (!kernels::ggml_type_dequantizable(tensor.type))
+    throw FormatError(tensor_where(path_, tensor.name) + " is " + kernels::ggml_type_name(tensor.type) +
                       ", which qlora cannot dequantize (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
-  dequantize_ggml(tensor.type, data(tensor), tensor.numel(), output);
+  kernels::dequantize_ggml(tensor.type, data(tensor), tensor.numel(), output);
 }
 
 std::vector<float> GgufFile::dequantize(const GgufTensor& tensor) const {
@@ -661,97 +551,16 @@ std::vector<float> GgufFile::dequantize(const GgufTensor& tensor) const {
   return values;
 }
 
-// ---- Llama conventions --------------------------------------------------------------------------
-
-namespace {
-
-struct NamePair {
-  const char* gguf;
-  const char* hf;
-};
-// Per-block modules, llama.cpp's name first (gguf-py tensor_mapping.py, MODEL_ARCH.LLAMA).
-constexpr NamePair kBlockNames[] = {
-    {"attn_q", "self_attn.q_proj"},     {"attn_k", "self_attn.k_proj"},  {"attn_v", "self_attn.v_proj"},
-    {"attn_output", "self_attn.o_proj"}, {"ffn_gate", "mlp.gate_proj"},  {"ffn_up", "mlp.up_proj"},
-    {"ffn_down", "mlp.down_proj"},       {"attn_norm", "input_layernorm"}, {"ffn_norm", "post_attention_layernorm"},
-};
-constexpr NamePair kModelNames[] = {
-    {"token_embd.weight", "model.embed_tokens.weight"},
-    {"output_norm.weight", "model.norm.weight"},
-    {"output.weight", "lm_head.weight"},
-};
-
-bool all_digits(const std::string& text) {
-  return !text.empty() && text.size() < 10 && std::all_of(text.begin(), text.end(), [](char c) {
-           return c >= '0' && c <= '9';
-         }) && (text.size() == 1 || text[0] != '0');
-}
-
-// Splits "<prefix><layer>.<module>.<suffix>" with suffix weight or bias.
-bool split_block_name(const std::string& name, const std::string& prefix, std::string* layer, std::string* module,
-                      std::string* suffix) {
-  if (name.rfind(prefix, 0) != 0) return false;
-  const size_t layer_end = name.find('.', prefix.size());
-  if (layer_end == std::string::npos) return false;
-  *layer = name.substr(prefix.size(), layer_end - prefix.size());
-  const size_t suffix_start = name.rfind('.');
-  if (suffix_start <= layer_end) return false;
-  *module = name.substr(layer_end + 1, suffix_start - layer_end - 1);
-  *suffix = name.substr(suffix_start + 1);
-  return all_digits(*layer) && (*suffix == "weight" || *suffix == "bias");
-}
-
-}  // namespace
-
-std::string llama_hf_tensor_name(const std::string& gguf_name) {
-  for (const NamePair& pair : kModelNames) {
-    if (gguf_name == pair.gguf) return pair.hf;
-  }
-  std::string layer, module, suffix;
-  if (!split_block_name(gguf_name, "blk.", &layer, &module, &suffix)) return "";
-  for (const NamePair& pair : kBlockNames) {
-    if (module == pair.gguf) return "model.layers." + layer + "." + pair.hf + "." + suffix;
-  }
-  return "";
-}
-
-std::string llama_gguf_tensor_name(const std::string& hf_name) {
-  for (const NamePair& pair : kModelNames) {
-    if (hf_name == pair.hf) return pair.gguf;
-  }
-  std::string layer, module, suffix;
-  if (!split_block_name(hf_name, "model.layers.", &layer, &module, &suffix)) return "";
-  for (const NamePair& pair : kBlockNames) {
-    if (module == pair.hf) return "blk." + layer + "." + pair.gguf + "." + suffix;
-  }
-  return "";
-}
-
-void unpermute_llama_rows(const uint8_t* gguf_rows, uint8_t* hf_rows, int64_t rows, uint64_t row_bytes,
-                          int64_t n_head) {
-  if (n_head <= 0 || rows < 0 || rows % (2 * n_head) != 0)
-    throw std::invalid_argument("unpermute_llama_rows: " + std::to_string(rows) + " rows do not split into " +
-                                std::to_string(n_head) + " heads of an even size");
-  const int64_t head_dim = rows / n_head;
-  const int64_t half = head_dim / 2;
-  for (int64_t head = 0; head < n_head; ++head) {
-    for (int64_t s = 0; s < 2; ++s) {
-      for (int64_t j = 0; j < half; ++j) {
-        const int64_t hf_row = head * head_dim + s * half + j;
-        const int64_t gguf_row = head * head_dim + 2 * j + s;
-        std::memcpy(hf_rows + hf_row * row_bytes, gguf_rows + gguf_row * row_bytes, row_bytes);
-      }
-    }
-  }
-}
+// ---- the Llama config --------------------------------------------------------------------------
 
 namespace {
 
 // llama.cpp's converter writes Llama 3's rope scaling not as metadata but as the per-frequency
 // divisors it implies (rope_freqs.weight). Recover the parameters by recomputing those divisors
-// with the only low/high frequency factors Llama 3.x uses and checking they match.
+// with the only low/high frequency factors Llama 3.x uses and checking they match. Leaves `scaling`
+// empty (no scaling) when every factor is 1.
 void read_llama3_rope(const GgufFile& file, const GgufTensor& freqs, int64_t head_dim, double theta,
-                      const std::string& prefix, Json& config) {
+                      const std::string& prefix, RopeScaling& scaling) {
   const std::string where = tensor_where(file.path(), freqs.name);
   if (freqs.numel() != head_dim / 2)
     throw FormatError(where + " has " + std::to_string(freqs.numel()) + " elements; head_dim " +
@@ -781,13 +590,11 @@ void read_llama3_rope(const GgufFile& file, const GgufTensor& freqs, int64_t hea
                         std::to_string(factors[i]) + ", expected " + std::to_string(expected) +
                         "; other rope scalings are not supported");
   }
-  Json scaling;
-  scaling["rope_type"] = "llama3";
-  scaling["factor"] = factor;
-  scaling["low_freq_factor"] = low_freq_factor;
-  scaling["high_freq_factor"] = high_freq_factor;
-  scaling["original_max_position_embeddings"] = original;
-  config["rope_scaling"] = scaling;
+  scaling.type = "llama3";
+  scaling.factor = factor;
+  scaling.low_freq_factor = low_freq_factor;
+  scaling.high_freq_factor = high_freq_factor;
+  scaling.original_max_position_embeddings = original;
 }
 
 }  // namespace
@@ -811,15 +618,15 @@ ModelConfig llama_config_from_gguf(const GgufFile& file) {
       throw FormatError(key_where(path, key) + " varies per layer, which the Llama architecture does not allow");
   }
 
-  Json config;
-  config["model_type"] = "llama";
+  ModelConfig config;
+  config.architecture = "llama";
   const int64_t hidden = positive(prefix + "embedding_length");
   const int64_t heads = positive(prefix + "attention.head_count");
-  config["hidden_size"] = hidden;
-  config["intermediate_size"] = positive(prefix + "feed_forward_length");
-  config["num_hidden_layers"] = positive(prefix + "block_count");
-  config["num_attention_heads"] = heads;
-  config["num_key_value_heads"] = file.has_key(head_count_kv_key) ? positive(head_count_kv_key) : heads;
+  config.hidden_size = hidden;
+  config.intermediate_size = positive(prefix + "feed_forward_length");
+  config.num_hidden_layers = positive(prefix + "block_count");
+  config.num_attention_heads = heads;
+  config.num_key_value_heads = file.has_key(head_count_kv_key) ? positive(head_count_kv_key) : heads;
   int64_t head_dim = hidden / heads;
   if (file.has_key(prefix + "attention.key_length")) {
     head_dim = positive(prefix + "attention.key_length");
@@ -831,7 +638,7 @@ ModelConfig llama_config_from_gguf(const GgufFile& file) {
     throw FormatError(path + ": embedding_length " + std::to_string(hidden) + " is not a multiple of head_count " +
                       std::to_string(heads) + " and no attention.key_length says the head size");
   }
-  config["head_dim"] = head_dim;
+  config.head_dim = head_dim;
   const int64_t rope_dims = file.get_int(prefix + "rope.dimension_count", head_dim);
   if (rope_dims != head_dim)
     throw FormatError(key_where(path, prefix + "rope.dimension_count") + " is " + std::to_string(rope_dims) +
@@ -848,30 +655,31 @@ ModelConfig llama_config_from_gguf(const GgufFile& file) {
   if (vocab <= 0)
     throw FormatError(path + ": cannot tell the vocabulary size (no tokenizer.ggml.tokens, " + prefix +
                       "vocab_size or token_embd.weight)");
-  config["vocab_size"] = vocab;
-  config["max_position_embeddings"] =
+  config.vocab_size = vocab;
+  config.max_position_embeddings =
       file.has_key(prefix + "context_length") ? positive(prefix + "context_length") : int64_t{2048};
-  config["rms_norm_eps"] = file.get_float(prefix + "attention.layer_norm_rms_epsilon", 1e-5);
+  config.rms_norm_eps = file.get_float(prefix + "attention.layer_norm_rms_epsilon", 1e-5);
   const double theta = file.get_float(prefix + "rope.freq_base", 10000.0);
-  config["rope_theta"] = theta;
-  config["tie_word_embeddings"] = file.find_tensor("output.weight") == nullptr;
+  config.rope_theta = theta;
+  config.tie_word_embeddings = file.find_tensor("output.weight") == nullptr;
 
   const std::string scaling_type = file.get_string(prefix + "rope.scaling.type", "none");
   if (scaling_type != "none")
     throw FormatError(key_where(path, prefix + "rope.scaling.type") + " is '" + scaling_type +
                       "'; only unscaled and llama3 rope are supported");
   if (const GgufTensor* freqs = file.find_tensor("rope_freqs.weight"))
-    read_llama3_rope(file, *freqs, head_dim, theta, prefix, config);
+    read_llama3_rope(file, *freqs, head_dim, theta, prefix, config.rope_scaling);
 
   // The dtype dense tensors are stored in follows the embedding: 16-bit sources stay 16-bit,
   // anything dequantized becomes fp32.
-  std::string dtype = "float32";
+  config.torch_dtype = "float32";
   if (const GgufTensor* embedding = file.find_tensor("token_embd.weight")) {
-    if (embedding->type == ggml_type::f16) dtype = "float16";
-    if (embedding->type == ggml_type::bf16) dtype = "bfloat16";
+    if (embedding->type == kernels::ggml_type::f16) config.torch_dtype = "float16";
+    if (embedding->type == kernels::ggml_type::bf16) config.torch_dtype = "bfloat16";
   }
-  config["torch_dtype"] = dtype;
-  return ModelConfig::from_json(config, path);
+  // The rules every model config obeys (key/value heads dividing the heads, an even head_dim) are
+  // ModelConfig::from_json's; passing the config through it keeps them in that one place.
+  return ModelConfig::from_json(config.to_json(), path);
 }
 
 }  // namespace qlora::shard

@@ -1,7 +1,7 @@
 // GGUF (llama.cpp's model format, versions 2 and 3): a memory-mapped reader that bounds-checks every
-// header field, typed access to the metadata, fp32 dequantization of the tensor types qlora
-// imports (F32, F16, BF16, Q8_0, Q4_0, Q4_1), and the Llama conventions needed to turn a GGUF
-// model into Hugging Face form: tensor names, the model config, and the Q/K row order.
+// header field, typed access to the metadata and tensors (decoded to fp32 by kernels/ggml_blocks.h),
+// and the Llama model config a GGUF file's metadata describes. How its tensors map onto Hugging
+// Face's (names, Q/K row order) is shard/llama_tensor_map.h.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/ggml_blocks.h"
 #include "shard/model_config.h"
 
 namespace qlora::shard {
@@ -20,31 +21,6 @@ enum class GgufType : uint32_t {
   string = 8, array = 9, uint64 = 10, int64 = 11, float64 = 12,
 };
 std::string gguf_type_name(GgufType type);   // "uint8", ..., "array"; "type N" when out of range
-
-// ggml tensor types (the ids GGUF stores). Only the ones qlora dequantizes get names here; the
-// reader still knows the block layout of every other ggml type so it can bounds-check them.
-namespace ggml_type {
-constexpr uint32_t f32 = 0;
-constexpr uint32_t f16 = 1;
-constexpr uint32_t q4_0 = 2;
-constexpr uint32_t q4_1 = 3;
-constexpr uint32_t q8_0 = 8;
-constexpr uint32_t bf16 = 30;
-}  // namespace ggml_type
-
-struct GgmlTypeInfo {
-  const char* name;         // "Q4_0", as ggml names it
-  int64_t block_elements;   // elements per block (1 for plain types)
-  uint64_t block_bytes;     // bytes per block
-};
-const GgmlTypeInfo* ggml_type_info(uint32_t type);   // nullptr for ids ggml does not define
-std::string ggml_type_name(uint32_t type);           // "Q4_0", or "type N" when unknown
-bool ggml_type_dequantizable(uint32_t type);         // F32, F16, BF16, Q8_0, Q4_0, Q4_1
-
-// Decodes n elements of `type` (n a multiple of its block size) into fp32 exactly as ggml's
-// dequantize_row_* does (and so as the gguf Python package does, bit for bit). Throws
-// std::invalid_argument for a type outside ggml_type_dequantizable().
-void dequantize_ggml(uint32_t type, const uint8_t* data, int64_t n, float* output);
 
 struct GgufMetadata {
   std::string key;
@@ -60,7 +36,7 @@ struct GgufTensor {
   // Row-major, outermost first, as PyTorch and Hugging Face write shapes: a linear weight is
   // [out, in]. GGUF itself lists dimensions innermost first; this is that list reversed.
   std::vector<int64_t> shape;
-  uint32_t type = ggml_type::f32;
+  uint32_t type = kernels::ggml_type::f32;  // a ggml type id
   uint64_t offset = 0;                      // relative to the data section
   uint64_t bytes = 0;
   int64_t numel() const;
@@ -136,14 +112,7 @@ class GgufFile {
   std::map<std::string, size_t> tensor_index_;
 };
 
-// ---- Llama conventions ------------------------------------------------------------------------
-
-// llama.cpp's tensor names for the llama architecture and their Hugging Face names:
-// token_embd.weight <-> model.embed_tokens.weight, blk.N.attn_q.weight <->
-// model.layers.N.self_attn.q_proj.weight, ..., output.weight <-> lm_head.weight. Both return ""
-// for a name without a counterpart (rope_freqs.weight, say).
-std::string llama_hf_tensor_name(const std::string& gguf_name);
-std::string llama_gguf_tensor_name(const std::string& hf_name);
+// ---- the Llama config ------------------------------------------------------------------------
 
 // The model config from llama.* metadata: embedding_length, feed_forward_length, block_count,
 // attention.head_count(_kv), attention.key_length, attention.layer_norm_rms_epsilon,
@@ -152,14 +121,5 @@ std::string llama_gguf_tensor_name(const std::string& hf_name);
 // recognised from the rope_freqs.weight factors llama.cpp's converter writes. FormatError for
 // another architecture, a missing or non-positive field, or a rope scaling qlora cannot express.
 ModelConfig llama_config_from_gguf(const GgufFile& file);
-
-// llama.cpp's converter reorders the rows of each attention head of Q and K (LlamaModel.permute:
-// reshape(n_head, 2, head_dim / 2, ...).swapaxes(1, 2)) so that rotary pairs sit next to each
-// other; Hugging Face keeps the two halves apart. This undoes it: HF row h*hd + s*hd/2 + j is GGUF
-// row h*hd + 2*j + s. Rows are moved whole (`row_bytes` each), so it works on raw F32/F16/BF16 and on
-// block-quantized rows alike. `rows` must be a multiple of 2 * n_head; `gguf_rows` and `hf_rows`
-// must not overlap. Throws std::invalid_argument otherwise.
-void unpermute_llama_rows(const uint8_t* gguf_rows, uint8_t* hf_rows, int64_t rows, uint64_t row_bytes,
-                          int64_t n_head);
 
 }  // namespace qlora::shard

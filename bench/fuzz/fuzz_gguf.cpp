@@ -11,6 +11,7 @@
 #include "shard/safetensors.h"
 
 using namespace qlora::shard;
+using qlora::FormatError;
 
 namespace {
 
@@ -53,7 +54,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       (void)first, (void)last;
     }
     // Bounded: a tensor of a million elements already covers every code path of the decoders.
-    if (ggml_type_dequantizable(tensor.type) && tensor.numel() <= (1 << 20)) {
+    if (qlora::kernels::ggml_type_dequantizable(tensor.type) && tensor.numel() <= (1 << 20)) {
       values.resize(static_cast<size_t>(tensor.numel()));
       file->dequantize(tensor, values.data());
     }

