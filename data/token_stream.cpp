@@ -1,21 +1,19 @@
-// Text sources, token streams (memory or HDF5 hyperslabs), the packed-window sampler, and the
-// collective loading of --data with the model's own tokenizer.
-#include "launcher/data.h"
+// Text sources and token streams (memory or HDF5 hyperslabs).
+#include "data/token_stream.h"
 
 #include <hdf5.h>
 
 #include <algorithm>
+#include <cassert>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
-#include "common/log.h"
-#include "launcher/demo.h"
-#include "launcher/errors.h"
-#include "launcher/token_cache.h"
+#include "common/errors.h"
+#include "data/token_cache.h"
 #include "shard/hdf5_file.h"
 
-namespace qlora::launcher {
+namespace qlora::data {
 namespace {
 
 namespace fs = std::filesystem;
@@ -26,13 +24,6 @@ std::string read_file(const fs::path& path) {
   std::ostringstream text;
   text << in.rdbuf();
   return text.str();
-}
-
-uint64_t splitmix64(uint64_t value) {
-  value += 0x9e3779b97f4a7c15ull;
-  value = (value ^ (value >> 30)) * 0xbf58476d1ce4e5b9ull;
-  value = (value ^ (value >> 27)) * 0x94d049bb133111ebull;
-  return value ^ (value >> 31);
 }
 
 }  // namespace
@@ -144,129 +135,4 @@ int64_t TokenStream::max_token() const {
   return max_token_;
 }
 
-// ---- sampling -------------------------------------------------------------------------------------
-
-uint64_t permuted_index(uint64_t index, uint64_t count, uint64_t key) {
-  if (count <= 1) return 0;
-  int bits = 1;
-  while ((uint64_t{1} << bits) < count) ++bits;
-  const int half = (bits + 1) / 2;
-  const uint64_t mask = (uint64_t{1} << half) - 1;
-  // A balanced Feistel network permutes [0, 4^half), at most 4 x count; walking the cycle until
-  // the value falls inside [0, count) restricts it to a permutation of [0, count).
-  do {
-    uint64_t left = index >> half, right = index & mask;
-    for (uint64_t round = 0; round < 4; ++round) {
-      const uint64_t mixed = left ^ (splitmix64(right ^ key ^ (round * 0x632be59bd9b4e019ull)) & mask);
-      left = right;
-      right = mixed;
-    }
-    index = (left << half) | right;
-  } while (index >= count);
-  return index;
-}
-
-BatchSampler::BatchSampler(std::shared_ptr<const TokenStream> stream, int64_t begin, int64_t end,
-                           int64_t sequence_length, int64_t global_batch, uint64_t seed)
-    : stream_(std::move(stream)), begin_(begin), end_(end), sequence_length_(sequence_length),
-      global_batch_(global_batch), seed_(seed) {}
-
-BatchSampler::BatchSampler(std::vector<int64_t> tokens, int64_t sequence_length, int64_t global_batch, uint64_t seed)
-    : BatchSampler(TokenStream::in_memory(std::vector<int32_t>(tokens.begin(), tokens.end())), 0,
-                   static_cast<int64_t>(tokens.size()), sequence_length, global_batch, seed) {}
-
-int64_t BatchSampler::window_count() const { return std::max<int64_t>(0, (token_count() - 1) / sequence_length_); }
-
-void BatchSampler::fill_row(int64_t window, int64_t row, int64_t* inputs, int64_t* targets,
-                            std::vector<int64_t>& buffer) const {
-  buffer.resize(static_cast<size_t>(sequence_length_ + 1));
-  const int64_t start = begin_ + window * sequence_length_;
-  stream_->read(start, start + sequence_length_ + 1, buffer.data());
-  std::copy(buffer.begin(), buffer.end() - 1, inputs + row * sequence_length_);
-  std::copy(buffer.begin() + 1, buffer.end(), targets + row * sequence_length_);
-}
-
-std::pair<torch::Tensor, torch::Tensor> BatchSampler::batch(int64_t step, int rank, int world) const {
-  const int64_t rows = global_batch_ / world;
-  const int64_t first_row = rows * rank;
-  const uint64_t windows = static_cast<uint64_t>(window_count());
-  auto inputs = torch::empty({rows, sequence_length_}, torch::kLong);
-  auto targets = torch::empty({rows, sequence_length_}, torch::kLong);
-  std::vector<int64_t> buffer;
-  for (int64_t row = 0; row < rows; ++row) {
-    // Global row g of the endless sample order: epoch g / windows, position g % windows in that
-    // epoch's permutation.
-    const uint64_t global_row = static_cast<uint64_t>(step) * static_cast<uint64_t>(global_batch_) +
-                                static_cast<uint64_t>(first_row + row);
-    const uint64_t epoch = global_row / windows;
-    const uint64_t key = splitmix64(seed_ ^ splitmix64(epoch + 0x5eed));
-    const auto window = static_cast<int64_t>(permuted_index(global_row % windows, windows, key));
-    fill_row(window, row, inputs.data_ptr<int64_t>(), targets.data_ptr<int64_t>(), buffer);
-  }
-  return {inputs, targets};
-}
-
-std::pair<torch::Tensor, torch::Tensor> BatchSampler::sequential(int64_t count, int rank, int world) const {
-  const int64_t rows = count / world;
-  const int64_t first_window = rows * rank;
-  auto inputs = torch::empty({rows, sequence_length_}, torch::kLong);
-  auto targets = torch::empty({rows, sequence_length_}, torch::kLong);
-  std::vector<int64_t> buffer;
-  for (int64_t row = 0; row < rows; ++row)
-    fill_row(first_window + row, row, inputs.data_ptr<int64_t>(), targets.data_ptr<int64_t>(), buffer);
-  return {inputs, targets};
-}
-
-// ---- --data for a model ---------------------------------------------------------------------------
-
-std::shared_ptr<TokenStream> load_data_tokens(const std::string& data_path, const shard::ModelStore& store,
-                                              cluster::Communicator& communicator, bool quiet) {
-  const int64_t model_vocabulary = store.header().config.vocab_size;
-  std::shared_ptr<TokenStream> stream;
-  std::string token_file;
-  // Rank 0 tokenizes (or checks the cache) while the others wait; everyone learns the file's path.
-  run_collectively(communicator, [&] {
-    if (!data_path.empty() && is_hdf5_file(data_path)) {
-      token_file = data_path;
-      return;
-    }
-    const bool tokenizes = data_path.empty() || communicator.rank() == 0;
-    if (!tokenizes) return;
-    const shard::TokenizerSource source = shard::store_tokenizer_source(store);
-    const auto tokenizer = shard::load_tokenizer(source, store.path() + ": /tokenizer");
-    if (tokenizer->vocab_size() > model_vocabulary)
-      throw UserError("the tokenizer of " + store.path() + " has " + std::to_string(tokenizer->vocab_size()) +
-                      " tokens but the model's vocabulary only " + std::to_string(model_vocabulary));
-    if (data_path.empty()) {
-      stream = TokenStream::in_memory(tokenizer->encode(demo_text()));
-      return;
-    }
-    const TokenCacheResult cache = ensure_token_cache(data_path, *tokenizer, source.checksum());
-    token_file = cache.path;
-    if (!quiet) {
-      char line[512];
-      std::snprintf(line, sizeof line, "data: %s %s %s (%lld tokens from %.1f MB of text, %s tokenizer, %.2f s)",
-                    data_path.c_str(), cache.built ? "tokenized into" : "reusing", cache.path.c_str(),
-                    static_cast<long long>(cache.tokens), static_cast<double>(cache.source_bytes) / 1e6,
-                    tokenizer->kind().c_str(), cache.seconds);
-      log::banner(line);
-    }
-  });
-  if (stream) return stream;
-  int64_t length = static_cast<int64_t>(token_file.size());
-  communicator.broadcast(&length, sizeof length, 0);
-  token_file.resize(static_cast<size_t>(length));
-  communicator.broadcast(token_file.data(), length, 0);
-  run_collectively(communicator, [&] {
-    stream = TokenStream::open_file(token_file);
-    // Foreign token files are scanned once, by rank 0; qlora's own carry their largest id.
-    int64_t largest = communicator.rank() == 0 ? stream->max_token() : 0;
-    if (largest >= model_vocabulary)
-      throw UserError(token_file + " holds token id " + std::to_string(largest) + ", outside the model's vocabulary of " +
-                          std::to_string(model_vocabulary),
-                      "tokenize the data with this model's tokenizer");
-  });
-  return stream;
-}
-
-}  // namespace qlora::launcher
+}  // namespace qlora::data

@@ -1,8 +1,8 @@
 // Tokenizers: text to token ids and back, with the ids the model was trained on. Three kinds:
 // byte tokens (synthetic models), byte-level BPE (GPT-2 / SmolLM2 / Llama 3 style, loaded from a
 // Hugging Face tokenizer.json or from GGUF tokenizer.ggml.* metadata) and SentencePiece models
-// (.model, through libsentencepiece). A model store carries its tokenizer's source bytes; see
-// docs/FORMAT.md (/tokenizer) and load_store_tokenizer().
+// (.model, through libsentencepiece). A model store carries its tokenizer's source bytes
+// (shard/tokenizer_source.h, docs/FORMAT.md /tokenizer); load_store_tokenizer() builds it.
 #pragma once
 
 #include <cstdint>
@@ -11,10 +11,9 @@
 #include <string_view>
 #include <vector>
 
-namespace qlora::shard {
+#include "shard/tokenizer_source.h"
 
-class GgufFile;
-class ModelStore;
+namespace qlora::data {
 
 class Tokenizer {
  public:
@@ -30,39 +29,22 @@ class Tokenizer {
   virtual std::string kind() const = 0;  // "bytes", "tokenizer.json", "gguf" or "sentencepiece"
 };
 
-// What a store embeds: the kind and the source bytes (tokenizer.json text, a GGUF image holding the
-// tokenizer.* metadata, or a SentencePiece model). Empty kind: none.
-struct TokenizerSource {
-  std::string kind;
-  std::string bytes;
-  std::string bos_token;   // tokenizer.json only: tokenizer_config.json's names, "" when unknown
-  std::string eos_token;
-  // FNV-1a 64 over all of the above, hex: identifies the tokenizer for token caches.
-  std::string checksum() const;
-};
-
 std::unique_ptr<Tokenizer> make_byte_tokenizer();
 // Throws FormatError naming `where` for malformed input or a tokenizer qlora cannot reproduce
 // (another model type, a normalizer, an unknown pre-tokenizer expression, ...).
 std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& json_text, const std::string& where);
-std::unique_ptr<Tokenizer> load_gguf_tokenizer(const GgufFile& file);
+std::unique_ptr<Tokenizer> load_gguf_tokenizer(const shard::GgufFile& file);
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_bytes, const std::string& where);
 bool sentencepiece_available();  // false when built without libsentencepiece
 // Dispatches on source.kind ("bytes" needs no bytes).
-std::unique_ptr<Tokenizer> load_tokenizer(const TokenizerSource& source, const std::string& where);
+std::unique_ptr<Tokenizer> load_tokenizer(const shard::TokenizerSource& source, const std::string& where);
 
-// ---- what the converter embeds ------------------------------------------------------------------
+// The converter's shard::TokenizerCheck: throws FormatError when `source` does not load. A
+// SentencePiece model passes unchecked when the SentencePiece module is unavailable (loading it
+// later names what is missing).
+void check_tokenizer(const shard::TokenizerSource& source, const std::string& where);
 
-// From a Hugging Face model folder: tokenizer.json when qlora can load it, else tokenizer.model,
-// else a tokenizer.json it cannot load (so that using it later names the reason), else none.
-TokenizerSource tokenizer_from_hf_directory(const std::string& directory);
-// From a GGUF model: a small GGUF image holding only its tokenizer.* keys (none when it has no
-// tokenizer.ggml.model key).
-TokenizerSource tokenizer_from_gguf(const GgufFile& file);
+// The store's tokenizer (shard::store_tokenizer_source), built.
+std::unique_ptr<Tokenizer> load_store_tokenizer(const shard::ModelStore& store);
 
-// The store's tokenizer: bytes for "bytes" stores, otherwise the embedded one. FormatError (naming
-// the store, with a hint) when the store carries none.
-TokenizerSource store_tokenizer_source(const ModelStore& store);
-std::unique_ptr<Tokenizer> load_store_tokenizer(const ModelStore& store);
-
-}  // namespace qlora::shard
+}  // namespace qlora::data
