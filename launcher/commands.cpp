@@ -18,6 +18,7 @@
 #include "common/format.h"
 #include "common/log.h"
 #include "cluster/memory.h"
+#include "data/tokenizer.h"
 #include "launcher/errors.h"
 #include "launcher/evaluate.h"
 #include "launcher/plan.h"
@@ -141,6 +142,7 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
   if (values.count("from") == values.count("synthetic"))
     throw UserError("give exactly one of --from and --synthetic", "see `qlora convert --help`");
   shard::ConvertOptions convert_options;
+  convert_options.check_tokenizer = data::check_tokenizer;
   if (values.count("quant") && !values["quant-type"].defaulted())
     throw UserError("give only one of --quant and --quant-type");
   const std::string quant_type =

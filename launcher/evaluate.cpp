@@ -6,6 +6,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "launcher/data_loading.h"
 #include "launcher/demo.h"
 #include "launcher/errors.h"
 #include "launcher/train.h"
@@ -15,7 +16,7 @@
 
 namespace qlora::launcher {
 
-double mean_token_loss(model::LlamaModelImpl& model, const BatchSampler& windows, int64_t window_count,
+double mean_token_loss(model::LlamaModelImpl& model, const data::BatchSampler& windows, int64_t window_count,
                        int64_t rows_per_forward, cluster::Communicator& communicator) {
   const int world = communicator.size();
   const int64_t per_rank = window_count / world;
@@ -91,7 +92,7 @@ void load_peft_adapter(const std::string& directory, model::LlamaModelImpl& mode
 
 EvalResult run_evaluation(const EvalOptions& options, cluster::Communicator& communicator) {
   std::unique_ptr<shard::ModelStore> store;
-  std::unique_ptr<BatchSampler> windows;
+  std::unique_ptr<data::BatchSampler> windows;
   model::LlamaModel model{nullptr};
   int64_t window_count = 0;
   run_collectively(communicator, [&] {
@@ -101,7 +102,7 @@ EvalResult run_evaluation(const EvalOptions& options, cluster::Communicator& com
   });
   const auto tokens = load_data_tokens(options.data_path, *store, communicator, true);
   run_collectively(communicator, [&] {
-    windows = std::make_unique<BatchSampler>(tokens, 0, tokens->size(), options.sequence_length, 1, 0);
+    windows = std::make_unique<data::BatchSampler>(tokens, 0, tokens->size(), options.sequence_length, 1, 0);
     window_count = std::min(options.max_windows, windows->window_count()) / communicator.size() * communicator.size();
     if (window_count == 0)
       throw UserError("the evaluation text is too short for one window of --seq-len + 1 tokens per rank");

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "cluster/communicator.h"
-#include "launcher/data.h"
+#include "data/batch_sampler.h"
 #include "model/llama.h"
 
 namespace qlora::launcher {
@@ -14,7 +14,7 @@ namespace qlora::launcher {
 // Collective. Every rank runs the same number of forwards (each gathers blocks collectively) over
 // its share of the first `window_count` windows (rounded down to a multiple of the world size);
 // loss sums and token counts are all-reduced, so the result is the mean over all those tokens.
-double mean_token_loss(model::LlamaModelImpl& model, const BatchSampler& windows, int64_t window_count,
+double mean_token_loss(model::LlamaModelImpl& model, const data::BatchSampler& windows, int64_t window_count,
                        int64_t rows_per_forward, cluster::Communicator& communicator);
 
 // Attaches the adapter saved in `directory` (adapter_config.json + adapter_model.safetensors in

@@ -18,9 +18,10 @@
 #include "common/atomic_file.h"
 #include "common/hash.h"
 #include "common/log.h"
+#include "data/batch_sampler.h"
 #include "launcher/adapter_io.h"
 #include "launcher/checkpoint.h"
-#include "launcher/data.h"
+#include "launcher/data_loading.h"
 #include "launcher/demo.h"
 #include "launcher/evaluate.h"
 #include "launcher/optimizer.h"
@@ -220,8 +221,8 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
   cluster::MemoryReport& memory = result.memory;
   memory.rank = rank;
   std::unique_ptr<shard::ModelStore> store;
-  std::unique_ptr<BatchSampler> sampler;
-  std::unique_ptr<BatchSampler> eval_windows;
+  std::unique_ptr<data::BatchSampler> sampler;
+  std::unique_ptr<data::BatchSampler> eval_windows;
   int64_t eval_window_count = 0;
   model::LlamaModel model{nullptr};
   const int64_t rows_per_rank = options.global_batch / world;
@@ -245,17 +246,17 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
   run_collectively(communicator, [&] {
     int64_t train_end = tokens->size();
     if (eval_tokens) {
-      eval_windows = std::make_unique<BatchSampler>(eval_tokens, 0, eval_tokens->size(), options.sequence_length,
-                                                    options.global_batch, options.seed);
+      eval_windows = std::make_unique<data::BatchSampler>(eval_tokens, 0, eval_tokens->size(), options.sequence_length,
+                                                          options.global_batch, options.seed);
     } else if (options.eval_fraction > 0) {
       const auto held_out = static_cast<int64_t>(static_cast<double>(tokens->size()) * options.eval_fraction);
       train_end -= held_out;
       if (held_out > 0)
-        eval_windows = std::make_unique<BatchSampler>(tokens, train_end, tokens->size(), options.sequence_length,
-                                                      options.global_batch, options.seed);
+        eval_windows = std::make_unique<data::BatchSampler>(tokens, train_end, tokens->size(), options.sequence_length,
+                                                            options.global_batch, options.seed);
     }
-    sampler = std::make_unique<BatchSampler>(tokens, 0, train_end, options.sequence_length, options.global_batch,
-                                             options.seed);
+    sampler = std::make_unique<data::BatchSampler>(tokens, 0, train_end, options.sequence_length, options.global_batch,
+                                                   options.seed);
     if (sampler->token_count() < options.sequence_length + 2)
       throw UserError("the training text has " + std::to_string(sampler->token_count()) +
                           " tokens, fewer than --seq-len + 2",

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Makes tests/fixtures/tokenizers/: small tokenizers trained on Jane Austen's novels and the token
-ids the reference implementations give for a fixed list of texts, which tests/shard/test_tokenizer.cpp
+ids the reference implementations give for a fixed list of texts, which tests/data/test_tokenizer.cpp
 compares qlora's tokenizers against id for id.
 
   austen_bpe.json          byte-level BPE (Hugging Face `tokenizers`), SmolLM2's pre-tokenizer:

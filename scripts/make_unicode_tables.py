@@ -1,17 +1,17 @@
 #!/usr/bin/env python3
-"""Writes shard/unicode_categories.inc: the code point ranges of the Unicode general categories
+"""Writes data/unicode_categories.inc: the code point ranges of the Unicode general categories
 L (letters: Lu Ll Lt Lm Lo) and N (numbers: Nd Nl No), which the byte-level BPE pre-tokenizers'
 regular expressions (\\p{L}, \\p{N}) need. Made from Python's unicodedata so the C++ build needs
 no Unicode library; rerun it (python3 scripts/make_unicode_tables.py) to move to a newer Unicode.
 
 White space (\\s in the Oniguruma expressions Hugging Face tokenizers runs) is the short, stable
-White_Space property list, kept by hand in shard/unicode.cpp."""
+White_Space property list, kept by hand in data/unicode.cpp."""
 import os
 import sys
 import unicodedata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "shard", "unicode_categories.inc")
+OUT = os.path.join(ROOT, "data", "unicode_categories.inc")
 
 
 def category_class(code_point):

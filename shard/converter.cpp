@@ -22,7 +22,7 @@
 #include "shard/gguf.h"
 #include "shard/llama_tensor_map.h"
 #include "shard/safetensors.h"
-#include "shard/tokenizer.h"
+#include "shard/tokenizer_source.h"
 
 namespace qlora::shard {
 namespace {
@@ -337,7 +337,7 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
 
   ModelStoreWriter writer(out_path, header_for(config, options, std::filesystem::path(directory).filename().string(),
                                                "none"));
-  writer.add_tokenizer(tokenizer_from_hf_directory(directory));
+  writer.add_tokenizer(tokenizer_from_hf_directory(directory, options.check_tokenizer));
   Fnv1a64 checksum;
   ConvertSummary summary;
   const auto names = config.tensor_names();

@@ -22,6 +22,9 @@ struct ConvertOptions {
   // the wild; tests pick cpu to compare with fixtures made without a GPU.
   kernels::BitsandbytesBackend backend = kernels::BitsandbytesBackend::cuda;
   uint64_t seed = 1234;   // synthetic models only
+  // Hugging Face folders: whether qlora can use a tokenizer file, which decides between tokenizer.json
+  // and tokenizer.model (see tokenizer_from_hf_directory); pass data::check_tokenizer.
+  TokenizerCheck check_tokenizer;
 };
 
 struct ConvertSummary {

@@ -11,7 +11,7 @@
 #include "kernels/nf4.h"
 #include "shard/model_config.h"
 #include "shard/shard_plan.h"
-#include "shard/tokenizer.h"
+#include "shard/tokenizer_source.h"
 
 namespace qlora::shard {
 

@@ -8,7 +8,7 @@
 
 #include "cluster/memory.h"
 #include "cluster/mpi_communicator.h"
-#include "launcher/data.h"
+#include "data/batch_sampler.h"
 #include "launcher/demo.h"
 #include "prepare/prepare.h"
 #include "shard/converter.h"
@@ -31,7 +31,7 @@ struct Fixture {
 std::string store_path(const std::string& preset) { return testing_support::synthetic_store(preset, 64, MPI_COMM_SELF); }
 
 std::pair<torch::Tensor, torch::Tensor> demo_batch(int64_t rows, int64_t length) {
-  launcher::BatchSampler sampler(launcher::byte_tokens(std::string(demo_text())), length, rows, 99);
+  data::BatchSampler sampler(data::byte_tokens(std::string(demo_text())), length, rows, 99);
   return sampler.batch(0, 0, 1);
 }
 

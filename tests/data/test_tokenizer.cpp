@@ -11,16 +11,15 @@
 #include <fstream>
 #include <sstream>
 
-#include "shard/bpe_tokenizer.h"
+#include "common/json.h"
+#include "data/bpe_tokenizer.h"
+#include "data/tokenizer.h"
 #include "shard/converter.h"
 #include "shard/gguf.h"
-#include "shard/json.h"
 #include "shard/model_store.h"
-#include "shard/safetensors.h"
-#include "shard/tokenizer.h"
 #include "support/test_support.h"
 
-namespace qlora::shard {
+namespace qlora::data {
 namespace {
 
 namespace fs = std::filesystem;
@@ -45,9 +44,9 @@ struct Cases {
 
 const Cases& cases() {
   static const Cases loaded = [] {
-    const Json root = Json::parse(read_file(fixture("cases.json")));
+    const Json root = parse_json(read_file(fixture("cases.json")), "cases.json");
     Cases result;
-    for (const Json& text : root.at("texts").as_array()) result.texts.push_back(text.as_string());
+    for (const Json& text : root.at("texts")) result.texts.push_back(text.get<std::string>());
     result.ids = root.at("ids");
     return result;
   }();
@@ -56,14 +55,15 @@ const Cases& cases() {
 
 std::vector<int32_t> expected_ids(const std::string& tokenizer, size_t text_index) {
   std::vector<int32_t> ids;
-  for (const Json& id : cases().ids.at(tokenizer).at(text_index).as_array()) ids.push_back(static_cast<int32_t>(id.as_int()));
+  for (const Json& id : cases().ids.at(tokenizer).at(text_index))
+    ids.push_back(static_cast<int32_t>(json_as_int(id, "cases.json: an id")));
   return ids;
 }
 
 std::unique_ptr<Tokenizer> load_fixture(const std::string& name) {
   const std::string path = fixture(name);
   if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return load_tokenizer_json(read_file(path), path);
-  if (name.size() > 5 && name.substr(name.size() - 5) == ".gguf") return load_gguf_tokenizer(*GgufFile::open(path));
+  if (name.size() > 5 && name.substr(name.size() - 5) == ".gguf") return load_gguf_tokenizer(*shard::GgufFile::open(path));
   return load_sentencepiece(read_file(path), path);
 }
 
@@ -204,10 +204,12 @@ TEST(StoreTokenizer, HfFolderAndGgufTokenizersTravelInsideTheStore) {
   ASSERT_TRUE(fs::exists(hf / "config.json"));
   write_file(hf / "tokenizer.json", read_file(fixture("austen_bpe.json")));
   write_file(hf / "tokenizer_config.json", R"({"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}})");
+  shard::ConvertOptions checked;   // the converter as `qlora convert` runs it
+  checked.check_tokenizer = check_tokenizer;
   const std::string hf_store = folder + "/hf_tokenizer.h5";
-  convert_hf_directory(hf.string(), hf_store, ConvertOptions{});
+  shard::convert_hf_directory(hf.string(), hf_store, checked);
   {
-    const auto store = ModelStore::open(hf_store);
+    const auto store = shard::ModelStore::open(hf_store);
     EXPECT_EQ(store->header().tokenizer, "tokenizer.json");
     const auto tokenizer = load_store_tokenizer(*store);
     EXPECT_EQ(tokenizer->bos_id(), 1);
@@ -219,16 +221,43 @@ TEST(StoreTokenizer, HfFolderAndGgufTokenizersTravelInsideTheStore) {
     fs::remove(hf / "tokenizer.json");
     write_file(hf / "tokenizer.model", read_file(fixture("austen_unigram.model")));
     const std::string sp_store = folder + "/hf_sentencepiece.h5";
-    convert_hf_directory(hf.string(), sp_store, ConvertOptions{});
-    const auto store = ModelStore::open(sp_store);
+    shard::convert_hf_directory(hf.string(), sp_store, checked);
+    const auto store = shard::ModelStore::open(sp_store);
     EXPECT_EQ(store->header().tokenizer, "sentencepiece");
     EXPECT_EQ(load_store_tokenizer(*store)->encode(text), expected_ids("austen_unigram.model", cases().texts.size() - 1));
   }
+  // A tokenizer.json qlora cannot reproduce next to a tokenizer.model, as Llama 2 ships them: the checked
+  // conversion embeds the SentencePiece model; an unchecked one keeps tokenizer.json, and using it
+  // names the reason.
+  write_file(hf / "tokenizer.json", R"({"model": {"type": "BPE", "byte_fallback": true, "vocab": {}, "merges": []}})");
+  write_file(hf / "tokenizer.model", read_file(fixture("austen_unigram.model")));
+  const std::string preferred_store = folder + "/hf_preferred.h5";
+  shard::convert_hf_directory(hf.string(), preferred_store, checked);
+  EXPECT_EQ(shard::ModelStore::open(preferred_store)->header().tokenizer, "sentencepiece");
+  const std::string unchecked_store = folder + "/hf_unchecked.h5";
+  shard::convert_hf_directory(hf.string(), unchecked_store, shard::ConvertOptions{});
+  const auto unchecked = shard::ModelStore::open(unchecked_store);
+  EXPECT_EQ(unchecked->header().tokenizer, "tokenizer.json");
+  try {
+    load_store_tokenizer(*unchecked);
+    ADD_FAILURE() << "a byte_fallback tokenizer.json was loaded";
+  } catch (const FormatError& error) {
+    EXPECT_NE(std::string(error.what()).find("a BPE with byte_fallback (SentencePiece style) is not supported"),
+              std::string::npos)
+        << error.what();
+  }
+  fs::remove(hf / "tokenizer.json");
+  // A corrupt tokenizer.model fails the checked conversion, when the SentencePiece module can tell.
+  if (sentencepiece_available()) {
+    write_file(hf / "tokenizer.model", "not a SentencePiece model");
+    EXPECT_THROW(shard::convert_hf_directory(hf.string(), folder + "/hf_corrupt.h5", checked), FormatError);
+  }
+
   // No tokenizer at all: the store opens, and asking for its tokenizer says what to do.
   fs::remove(hf / "tokenizer.model");
   const std::string bare_store = folder + "/hf_bare.h5";
-  convert_hf_directory(hf.string(), bare_store, ConvertOptions{});
-  const auto bare = ModelStore::open(bare_store);
+  shard::convert_hf_directory(hf.string(), bare_store, checked);
+  const auto bare = shard::ModelStore::open(bare_store);
   EXPECT_EQ(bare->header().tokenizer, "none");
   try {
     load_store_tokenizer(*bare);
@@ -239,14 +268,14 @@ TEST(StoreTokenizer, HfFolderAndGgufTokenizersTravelInsideTheStore) {
   }
 
   // A GGUF model: its tokenizer.* metadata becomes a small GGUF image inside the store.
-  const auto gguf_file = GgufFile::open(fixture("austen_bpe.gguf"));
-  const TokenizerSource embedded = tokenizer_from_gguf(*gguf_file);
+  const auto gguf_file = shard::GgufFile::open(fixture("austen_bpe.gguf"));
+  const shard::TokenizerSource embedded = shard::tokenizer_from_gguf(*gguf_file);
   EXPECT_EQ(embedded.kind, "gguf");
   const auto reloaded = load_tokenizer(embedded, "embedded");
   EXPECT_EQ(reloaded->encode(text), expected_ids("austen_bpe.gguf", cases().texts.size() - 1));
   EXPECT_EQ(reloaded->eos_id(), 2);
   // Synthetic stores keep byte tokens.
-  const auto synthetic = ModelStore::open(testing_support::synthetic_store("micro", 64, MPI_COMM_SELF));
+  const auto synthetic = shard::ModelStore::open(testing_support::synthetic_store("micro", 64, MPI_COMM_SELF));
   EXPECT_EQ(load_store_tokenizer(*synthetic)->kind(), "bytes");
 }
 
@@ -257,7 +286,7 @@ TEST(SmolLM2Tokenizer, GgufTokenizerGivesTheHuggingFaceIds) {
   if (location == nullptr || !fs::exists(location))
     GTEST_SKIP() << "set QLORA_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf to run this test";
   if (!cases().ids.contains("smollm2")) GTEST_SKIP() << "cases.json was made without --smollm2";
-  const auto file = GgufFile::open(location);
+  const auto file = shard::GgufFile::open(location);
   const auto tokenizer = load_gguf_tokenizer(*file);
   EXPECT_EQ(tokenizer->vocab_size(), 49152);
   const int64_t compared = expect_reference_ids(*tokenizer, "smollm2", true);
@@ -278,4 +307,4 @@ TEST(SmolLM2Tokenizer, GgufTokenizerGivesTheHuggingFaceIds) {
 }
 
 }  // namespace
-}  // namespace qlora::shard
+}  // namespace qlora::data

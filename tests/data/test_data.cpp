@@ -1,5 +1,5 @@
 // Training data: token caches (built once, reused, rebuilt when the text or the tokenizer changes),
-// pre-tokenized HDF5 input, the seeded window order, and ranks that read only their own rows.
+// token files, the seeded window order, and ranks that read only their own rows.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -10,16 +10,13 @@
 #include <fstream>
 #include <sstream>
 
-#include "cluster/mpi_communicator.h"
-#include "launcher/data.h"
-#include "launcher/errors.h"
-#include "launcher/token_cache.h"
-#include "shard/converter.h"
-#include "shard/model_store.h"
-#include "shard/tokenizer.h"
+#include "data/batch_sampler.h"
+#include "data/token_cache.h"
+#include "data/token_stream.h"
+#include "data/tokenizer.h"
 #include "support/test_support.h"
 
-namespace qlora::launcher {
+namespace qlora::data {
 namespace {
 
 namespace fs = std::filesystem;
@@ -41,10 +38,10 @@ void write_file(const fs::path& path, const std::string& text) {
   out << text;
 }
 
-std::unique_ptr<shard::Tokenizer> fixture_tokenizer(shard::TokenizerSource* source) {
+std::unique_ptr<Tokenizer> fixture_tokenizer(shard::TokenizerSource* source) {
   source->kind = "tokenizer.json";
   source->bytes = read_file(source_dir() + "/tests/fixtures/tokenizers/austen_bpe.json");
-  return shard::load_tokenizer(*source, "austen_bpe.json");
+  return load_tokenizer(*source, "austen_bpe.json");
 }
 
 std::vector<int64_t> all_tokens(const TokenStream& stream) {
@@ -91,7 +88,7 @@ TEST(TokenCache, BuiltOnceReusedAndRebuiltWhenTheTextOrTheTokenizerChanges) {
   EXPECT_EQ(all_tokens(*TokenStream::open_file(after_edit.path)), want);
 
   // Another tokenizer (byte tokens): rebuilt, no end-of-text token.
-  const auto bytes = shard::make_byte_tokenizer();
+  const auto bytes = make_byte_tokenizer();
   const TokenCacheResult retokenized = ensure_token_cache(corpus.string(), *bytes, shard::TokenizerSource{"bytes", "", "", ""}.checksum());
   EXPECT_TRUE(retokenized.built);
   EXPECT_EQ(all_tokens(*TokenStream::open_file(retokenized.path)), byte_tokens(edited));
@@ -104,7 +101,7 @@ TEST(TokenCache, AReadOnlyFolderSendsTheCacheToTheCacheFolder) {
   fs::permissions(folder, fs::perms::owner_read | fs::perms::owner_exec | fs::perms::group_read |
                               fs::perms::group_exec | fs::perms::others_read | fs::perms::others_exec);
   setenv("QLORA_CACHE_DIR", (fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "cache-dir").c_str(), 1);
-  const auto bytes = shard::make_byte_tokenizer();
+  const auto bytes = make_byte_tokenizer();
   const std::string checksum = shard::TokenizerSource{"bytes", "", "", ""}.checksum();
   const TokenCacheResult built = ensure_token_cache((folder / "texts").string(), *bytes, checksum);
   const TokenCacheResult reused = ensure_token_cache((folder / "texts").string(), *bytes, checksum);
@@ -218,50 +215,5 @@ TEST(Sampler, EachRankReadsOnlyItsRowsOfTheGlobalBatchFromTheTokenFile) {
   EXPECT_EQ(whole->tokens_read(), static_cast<uint64_t>(steps * 3 * global * (sequence + 1)));
 }
 
-TEST(LoadDataTokens, UsesTheStoresTokenizerAndAcceptsPreTokenizedFiles) {
-  auto communicator = cluster::make_mpi_communicator(MPI_COMM_SELF);
-  const fs::path folder = fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "load";
-  fs::create_directories(folder);
-  // A store with an embedded tokenizer.json: the Llama model fixture plus the fixture tokenizer.
-  const fs::path hf = folder / "hf";
-  fs::create_directories(hf);
-  for (const auto& entry : fs::directory_iterator(source_dir() + "/tests/fixtures/model/llama/hf"))
-    fs::copy_file(entry.path(), hf / entry.path().filename(), fs::copy_options::overwrite_existing);
-  fs::copy_file(source_dir() + "/tests/fixtures/tokenizers/austen_bpe.json", hf / "tokenizer.json");
-  const std::string store_path = (folder / "model.h5").string();
-  shard::convert_hf_directory(hf.string(), store_path, shard::ConvertOptions{});
-  const auto store = shard::ModelStore::open(store_path);
-  const std::string text = "It is a truth universally acknowledged. 1811!\n";
-  write_file(folder / "data.txt", text);
-
-  // The fixture model has 300 embedding rows, the tokenizer 1024 ids: refused before any training.
-  ASSERT_EQ(store->header().tokenizer, "tokenizer.json");
-  try {
-    load_data_tokens((folder / "data.txt").string(), *store, *communicator, true);
-    ADD_FAILURE() << "a tokenizer larger than the model's vocabulary was accepted";
-  } catch (const UserError& error) {
-    EXPECT_NE(std::string(error.what()).find("has 1024 tokens but the model's vocabulary only 300"), std::string::npos)
-        << error.what();
-  }
-
-  // Pre-tokenized input is used as it is; ids outside the vocabulary are refused.
-  const std::string synthetic = testing_support::synthetic_store("micro", 64, MPI_COMM_SELF);
-  const auto micro = shard::ModelStore::open(synthetic);
-  const std::string good = (folder / "good.h5").string();
-  write_token_file(good, {1, 2, 3, 511}, "x", "bytes", "x");
-  EXPECT_EQ(all_tokens(*load_data_tokens(good, *micro, *communicator, true)), (std::vector<int64_t>{1, 2, 3, 511}));
-  const std::string bad = (folder / "bad.h5").string();
-  write_token_file(bad, {1, 2, 512}, "x", "bytes", "x");
-  try {
-    load_data_tokens(bad, *micro, *communicator, true);
-    ADD_FAILURE() << "token id 512 accepted for a 512-token vocabulary";
-  } catch (const UserError& error) {
-    EXPECT_NE(std::string(error.what()).find(bad + " holds token id 512"), std::string::npos) << error.what();
-  }
-  // A synthetic store tokenizes text as bytes, with no end-of-text token.
-  EXPECT_EQ(all_tokens(*load_data_tokens((folder / "data.txt").string(), *micro, *communicator, true)),
-            byte_tokens(text));
-}
-
 }  // namespace
-}  // namespace qlora::launcher
+}  // namespace qlora::data

@@ -8,7 +8,7 @@
 #include <string>
 #include <string_view>
 
-namespace qlora::shard::unicode {
+namespace qlora::data::unicode {
 
 enum class CodePointClass : uint8_t { other, letter, number };
 
@@ -20,4 +20,4 @@ bool is_white_space(uint32_t code_point);
 size_t decode_utf8(std::string_view text, size_t position, uint32_t* code_point);
 void append_utf8(std::string& out, uint32_t code_point);
 
-}  // namespace qlora::shard::unicode
+}  // namespace qlora::data::unicode

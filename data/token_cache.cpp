@@ -1,6 +1,6 @@
 // Token files: a streaming HDF5 writer (chunked, extendible int32 dataset), the checksums that
 // decide whether a cached file is current, and where caches live.
-#include "launcher/token_cache.h"
+#include "data/token_cache.h"
 
 #include <hdf5.h>
 #include <unistd.h>
@@ -11,14 +11,12 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/errors.h"
 #include "common/hash.h"
-#include "launcher/data.h"
-#include "launcher/errors.h"
+#include "data/token_stream.h"
 #include "shard/hdf5_file.h"
-#include "shard/model_store.h"
-#include "shard/safetensors.h"
 
-namespace qlora::launcher {
+namespace qlora::data {
 namespace {
 
 namespace fs = std::filesystem;
@@ -157,7 +155,7 @@ size_t safe_cut(const std::string& buffer) {
   return 0;
 }
 
-void tokenize_file(const fs::path& file, const shard::Tokenizer& tokenizer, TokenFileWriter& writer) {
+void tokenize_file(const fs::path& file, const Tokenizer& tokenizer, TokenFileWriter& writer) {
   std::ifstream in(file, std::ios::binary);
   if (!in) throw UserError("cannot read data file " + file.string(), "check the path and its permissions");
   std::string buffer;
@@ -209,7 +207,7 @@ bool is_hdf5_file(const std::string& path) {
   return fs::is_regular_file(path, error) && H5Fis_hdf5(path.c_str()) > 0;
 }
 
-TokenCacheResult ensure_token_cache(const std::string& data_path, const shard::Tokenizer& tokenizer,
+TokenCacheResult ensure_token_cache(const std::string& data_path, const Tokenizer& tokenizer,
                                     const std::string& tokenizer_checksum) {
   const auto start = std::chrono::steady_clock::now();
   const auto files = text_source_files(data_path);
@@ -262,4 +260,4 @@ void write_token_file(const std::string& path, const std::vector<int32_t>& token
   writer.finish(path, source_checksum, tokenizer_kind, tokenizer_checksum, 1);
 }
 
-}  // namespace qlora::launcher
+}  // namespace qlora::data

@@ -11,9 +11,9 @@
 #include <utility>
 #include <vector>
 
-#include "shard/tokenizer.h"
+#include "data/tokenizer.h"
 
-namespace qlora::shard {
+namespace qlora::data {
 
 enum class PreTokenizerStep {
   digits_individual,   // Digits(individual_digits=true): every \p{N} code point alone
@@ -49,4 +49,4 @@ std::unique_ptr<Tokenizer> make_byte_level_bpe(BpeSpec spec, const std::string& 
 // Splits text into the pieces BPE encodes separately, as byte ranges [first, second); exposed for tests.
 std::vector<std::pair<size_t, size_t>> pre_tokenize(std::string_view text, const std::vector<PreTokenizerStep>& steps);
 
-}  // namespace qlora::shard
+}  // namespace qlora::data

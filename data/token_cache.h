@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "shard/tokenizer.h"
+#include "data/tokenizer.h"
 
-namespace qlora::launcher {
+namespace qlora::data {
 
 struct TokenCacheResult {
   std::string path;          // the token file to read
@@ -30,7 +30,7 @@ std::string fallback_token_cache_path(const std::string& data_path);
 // by `tokenizer_checksum`), building it when missing or stale. Documents (files) are separated by
 // the tokenizer's end-of-text token when it has one. Large files are tokenized in pieces cut after
 // a line break that precedes a printable ASCII character, which leaves byte-level BPE ids unchanged.
-TokenCacheResult ensure_token_cache(const std::string& data_path, const shard::Tokenizer& tokenizer,
+TokenCacheResult ensure_token_cache(const std::string& data_path, const Tokenizer& tokenizer,
                                     const std::string& tokenizer_checksum);
 
 // True when `path` is an HDF5 file (pre-tokenized input rather than text).
@@ -40,4 +40,4 @@ bool is_hdf5_file(const std::string& path);
 void write_token_file(const std::string& path, const std::vector<int32_t>& tokens, const std::string& source_checksum,
                       const std::string& tokenizer_kind, const std::string& tokenizer_checksum);
 
-}  // namespace qlora::launcher
+}  // namespace qlora::data

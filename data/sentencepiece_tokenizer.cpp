@@ -11,10 +11,10 @@
 #include <string>
 #include <vector>
 
-#include "shard/safetensors.h"
-#include "shard/tokenizer.h"
+#include "common/errors.h"
+#include "data/tokenizer.h"
 
-namespace qlora::shard {
+namespace qlora::data {
 namespace {
 
 struct SentencePieceModule {
@@ -118,4 +118,4 @@ std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_bytes, co
   return std::make_unique<SentencePieceTokenizer>(module, model_bytes, where);
 }
 
-}  // namespace qlora::shard
+}  // namespace qlora::data

@@ -1,7 +1,7 @@
 // A separately loaded module around libsentencepiece. Debian's libsentencepiece carries its own copy
 // of protobuf-lite and exports it; linked into the same process as LibTorch's libprotobuf, the two
 // resolve each other's symbols and the process crashes before main. qlora therefore dlopen()s this
-// module with RTLD_LOCAL | RTLD_DEEPBIND (shard/sentencepiece_tokenizer.cpp), which keeps each
+// module with RTLD_LOCAL | RTLD_DEEPBIND (data/sentencepiece_tokenizer.cpp), which keeps each
 // copy to itself, and talks to it through these few C entry points.
 #include <sentencepiece_processor.h>
 

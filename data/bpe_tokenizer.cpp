@@ -1,7 +1,7 @@
 // Byte-level BPE: the pre-tokenizer expressions as code point matchers, and merging by rank with a
 // heap ordered as tokenizers' Word::merge_all orders it (lowest rank, then leftmost position), so
 // ties and stale candidates resolve the way the reference does.
-#include "shard/bpe_tokenizer.h"
+#include "data/bpe_tokenizer.h"
 
 #include <algorithm>
 #include <array>
@@ -9,10 +9,10 @@
 #include <queue>
 #include <unordered_map>
 
-#include "shard/safetensors.h"
-#include "shard/unicode.h"
+#include "common/errors.h"
+#include "data/unicode.h"
 
-namespace qlora::shard {
+namespace qlora::data {
 namespace {
 
 // ---- code points of a piece of text --------------------------------------------------------------
@@ -492,4 +492,4 @@ std::unique_ptr<Tokenizer> make_byte_level_bpe(BpeSpec spec, const std::string& 
   return std::make_unique<ByteLevelBpe>(std::move(spec), where);
 }
 
-}  // namespace qlora::shard
+}  // namespace qlora::data

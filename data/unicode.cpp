@@ -1,11 +1,11 @@
 // Code point classes from the generated range table (scripts/make_unicode_tables.py), with a
 // direct table for the first 256 code points where almost all text lives.
-#include "shard/unicode.h"
+#include "data/unicode.h"
 
 #include <algorithm>
 #include <array>
 
-namespace qlora::shard::unicode {
+namespace qlora::data::unicode {
 namespace {
 
 struct CodePointRange {
@@ -15,7 +15,7 @@ struct CodePointRange {
 };
 
 constexpr CodePointRange kRanges[] = {
-#include "shard/unicode_categories.inc"
+#include "data/unicode_categories.inc"
 };
 
 CodePointClass classify_by_search(uint32_t code_point) {
@@ -107,4 +107,4 @@ void append_utf8(std::string& out, uint32_t code_point) {
   }
 }
 
-}  // namespace qlora::shard::unicode
+}  // namespace qlora::data::unicode
