@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "common/json.h"
 #include "kernels/nf4.h"
 #include "kernels/parallel.h"
 
@@ -67,15 +68,6 @@ struct Row {
   double gb_per_s;        // (bytes read + bytes written) / time
   double ratio_to_memcpy; // 0 when not applicable
 };
-
-std::string json_escape(const std::string& text) {
-  std::string escaped;
-  for (char c : text) {
-    if (c == '"' || c == '\\') escaped += '\\';
-    escaped += c;
-  }
-  return escaped;
-}
 
 #if defined(QLORA_HAVE_CUDA) && QLORA_HAVE_CUDA
 // GPU dequantization of a 1 GiB (fp32) tensor against a device-to-device copy of the output size.
@@ -259,7 +251,8 @@ int main() {
 #endif
 
   std::ostringstream json;
-  json << "{\n  \"machine\": {\"cpu\": \"" << json_escape(cpu_name()) << "\", \"threads\": " << all_threads
+  // Written by hand to keep one row per line; the CPU name is the one string from outside.
+  json << "{\n  \"machine\": {\"cpu\": " << qlora::dump_json(qlora::Json(cpu_name())) << ", \"threads\": " << all_threads
        << ", \"simd\": \"" << (best_simd_level() == SimdLevel::avx2 ? "avx2" : "scalar") << "\"},\n"
        << "  \"quant_type\": \"nf4\", \"blocksize\": " << kBlocksize << ",\n"
        << "  \"note\": \"gb_per_s counts bytes read + written (codes + absmax + output); ratio_to_memcpy compares "

@@ -17,7 +17,7 @@
 
 #include "bench/bench_mpi.h"
 #include "cluster/mpi_communicator.h"
-#include "shard/json.h"
+#include "common/json.h"
 
 namespace {
 
@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
     std::printf("# %-18s %-9s %12s | %10s %9s %9s %6s | %10s %9s %9s %6s | %6s\n", "op", "size", "elements",
                 "qlora us", "algbw", "busbw", "wrong", "raw us", "algbw", "busbw", "wrong", "ratio");
   }
-  qlora::shard::Json::Array rows;
+  qlora::Json rows = qlora::Json::array();
   for (const std::string op : {"all_reduce_sum", "all_reduce_average", "all_gather"}) {
     for (int64_t bytes = 1024; bytes <= largest; bytes *= 4) {
       Measurement ours;
@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
                     static_cast<long long>(bytes), static_cast<long long>(op == "all_gather" ? bytes : bytes / 4),
                     ours.seconds * 1e6, ours_algbw, ours_algbw * bus_factor, static_cast<long long>(ours.wrong),
                     raw.seconds * 1e6, raw_algbw, raw_algbw * bus_factor, static_cast<long long>(raw.wrong), ratio);
-        qlora::shard::Json row;
+        qlora::Json row;
         row["op"] = op;
         row["bytes"] = bytes;
         row["qlora_seconds"] = ours.seconds;
@@ -143,13 +143,13 @@ int main(int argc, char** argv) {
     }
   }
   if (rank == 0) {
-    qlora::shard::Json result;
+    qlora::Json result;
     result["benchmark"] = "collectives";
     result["ranks"] = world;
     result["machine"] = "2-core Debian 12 VM, shared-memory transport";
     result["rows"] = rows;
     const std::string path = std::string(QLORA_RESULTS_DIR) + "/collectives-np" + std::to_string(world) + ".json";
-    std::ofstream(path) << result.dump(2) << "\n";
+    std::ofstream(path) << qlora::dump_json(result, 2) << "\n";
     std::printf("wrote %s\n", path.c_str());
   }
   return 0;

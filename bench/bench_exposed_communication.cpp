@@ -10,10 +10,10 @@
 
 #include "bench/bench_mpi.h"
 #include "cluster/mpi_communicator.h"
+#include "common/json.h"
 #include "launcher/threads.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
-#include "shard/json.h"
 
 int main(int argc, char** argv) {
   qlora::bench::MpiSession mpi(&argc, &argv);
@@ -43,7 +43,7 @@ int main(int argc, char** argv) {
   if (rank == 0)
     std::printf("# %d ranks, %lld steps of 8 x 128 tokens, synthetic small (8 blocks, hidden 512)\n# %-44s %9s %9s %9s %9s\n",
                 world, static_cast<long long>(steps), "variant", "step s", "gather s", "reduce s", "exposed");
-  qlora::shard::Json::Array rows;
+  qlora::Json rows = qlora::Json::array();
   for (const auto& variant : variants) {
     qlora::launcher::TrainOptions options;
     options.model_path = model_path;
@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
     const double exposed = (gather + reduce) / step_seconds;
     if (rank == 0) {
       std::printf("  %-44s %9.4f %9.4f %9.4f %8.1f%%\n", variant.name, step_seconds, gather, reduce, 100 * exposed);
-      qlora::shard::Json row;
+      qlora::Json row;
       row["variant"] = variant.name;
       row["prefetch"] = variant.prefetch;
       row["overlap_reduce"] = variant.overlap;
@@ -80,13 +80,13 @@ int main(int argc, char** argv) {
     }
   }
   if (rank == 0) {
-    qlora::shard::Json result;
+    qlora::Json result;
     result["benchmark"] = "exposed_communication";
     result["ranks"] = world;
     result["steps"] = steps;
     result["rows"] = rows;
     const std::string path = std::string(QLORA_RESULTS_DIR) + "/exposed-communication-np" + std::to_string(world) + ".json";
-    std::ofstream(path) << result.dump(2) << "\n";
+    std::ofstream(path) << qlora::dump_json(result, 2) << "\n";
     std::printf("wrote %s\n", path.c_str());
   }
   return 0;

@@ -10,11 +10,11 @@
 #include <sstream>
 #include <string>
 
+#include "common/json.h"
 #include "launcher/plan.h"
-#include "shard/json.h"
 
 namespace fs = std::filesystem;
-using qlora::shard::Json;
+using qlora::Json;
 
 namespace {
 
@@ -26,7 +26,7 @@ Json read_json(const std::string& path) {
   std::ifstream file(path);
   std::stringstream text;
   text << file.rdbuf();
-  return Json::parse(text.str());
+  return qlora::parse_json(text.str(), path);
 }
 
 }  // namespace
@@ -50,7 +50,7 @@ int main(int argc, char** argv) {
   const auto config = qlora::shard::read_config_file(config_path);
 
   const int64_t micro_batch = 2;
-  Json::Array rows;
+  Json rows = Json::array();
   double lowest = 1e9, highest = 0;
   for (const int64_t sequence_length : {128, 512}) {
     for (const int world : {1, 2, 4}) {
@@ -70,13 +70,17 @@ int main(int argc, char** argv) {
       job.sequence_length = sequence_length;
       job.lora.r = 8;
       const auto plan = qlora::launcher::make_plan(store, config, job);
-      const auto measured = read_json(out + "/memory.json").at("ranks");
+      const std::string memory_path = out + "/memory.json";
+      const Json measured = read_json(memory_path).at("ranks");
       for (int rank = 0; rank < world; ++rank) {
-        const auto& actual = measured.at(static_cast<size_t>(rank));
+        const Json& actual = measured.at(static_cast<size_t>(rank));
         const auto& planned = plan.ranks[static_cast<size_t>(rank)];
-        const double peak = static_cast<double>(actual.at("peak_total_bytes").as_int());
-        const double forward = static_cast<double>(actual.at("forward_activation_peak_bytes").as_int());
-        const double backward = static_cast<double>(actual.at("backward_activation_peak_bytes").as_int());
+        auto measured_bytes = [&](const char* field) {
+          return static_cast<double>(qlora::json_int(actual, field, memory_path));
+        };
+        const double peak = measured_bytes("peak_total_bytes");
+        const double forward = measured_bytes("forward_activation_peak_bytes");
+        const double backward = measured_bytes("backward_activation_peak_bytes");
         const double ratio = static_cast<double>(planned.peak) / peak;
         lowest = std::min(lowest, ratio);
         highest = std::max(highest, ratio);
@@ -103,11 +107,11 @@ int main(int argc, char** argv) {
   result["benchmark"] = "plan_accuracy";
   result["model"] = "6 layers, hidden 256, intermediate 704, heads 8/4, vocab 4096, untied, NF4";
   result["job"] = "micro-batch 2 per rank, LoRA r=8 on all projections, reentrant checkpointing, 2 steps";
-  result["rows"] = Json(rows);
+  result["rows"] = rows;
   result["lowest_peak_ratio"] = lowest;
   result["highest_peak_ratio"] = highest;
   const std::string path = std::string(QLORA_RESULTS_DIR) + "/plan_accuracy.json";
-  std::ofstream(path) << result.dump(2) << "\n";
+  std::ofstream(path) << qlora::dump_json(result, 2) << "\n";
   std::printf("wrote %s\n", path.c_str());
   return 0;
 }

@@ -27,11 +27,11 @@
 #include <vector>
 
 #include "cluster/mpi_communicator.h"
+#include "common/json.h"
 #include "kernels/dtype.h"
 #include "kernels/parallel.h"
 #include "model/llama.h"
 #include "shard/converter.h"
-#include "shard/json.h"
 #include "shard/model_store.h"
 
 #ifndef QLORA_RESULTS_DIR
@@ -69,25 +69,21 @@ shard::ModelConfig bench_config() {
 // everything in memory, which a 1 GB source does not need).
 uint64_t write_source(const std::string& folder, const shard::ModelConfig& config) {
   std::filesystem::create_directories(folder);
-  std::ofstream(folder + "/config.json") << config.to_json().dump(2);
+  std::ofstream(folder + "/config.json") << dump_json(config.to_json(), 2);
   const auto names = config.tensor_names();
-  shard::Json header = shard::Json::Object{};
+  Json header = Json::object();
   uint64_t offset = 0;
   for (const auto& name : names) {
     const auto shape = config.expected_shape(name);
     int64_t numel = 1;
     for (int64_t dim : shape) numel *= dim;
-    shard::Json entry;
+    Json& entry = header[name];
     entry["dtype"] = "BF16";
-    shard::Json::Array dims;
-    for (int64_t dim : shape) dims.emplace_back(dim);
-    entry["shape"] = dims;
-    entry["data_offsets"] = shard::Json::Array{shard::Json(static_cast<int64_t>(offset)),
-                                               shard::Json(static_cast<int64_t>(offset + numel * 2))};
-    header[name] = entry;
+    entry["shape"] = shape;
+    entry["data_offsets"] = Json::array({offset, offset + numel * 2});
     offset += numel * 2;
   }
-  std::string text = header.dump();
+  std::string text = dump_json(header);
   while ((text.size() + 8) % 8 != 0) text += ' ';
   std::ofstream out(folder + "/model.safetensors", std::ios::binary);
   const uint64_t length = text.size();
@@ -162,17 +158,11 @@ int run_load(const std::string& store_path, const std::string& report_path) {
   MPI_Gather(&seconds[1], 1, MPI_DOUBLE, all_warm.data(), 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
   MPI_Gather(&bytes, 1, MPI_DOUBLE, all_bytes.data(), 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
   if (rank == 0) {
-    shard::Json report;
-    shard::Json::Array cold_json, warm_json, bytes_json;
-    for (int r = 0; r < world; ++r) {
-      cold_json.emplace_back(all_cold[r]);
-      warm_json.emplace_back(all_warm[r]);
-      bytes_json.emplace_back(all_bytes[r]);
-    }
-    report["seconds_per_rank"] = cold_json;
-    report["warm_seconds_per_rank"] = warm_json;
-    report["bytes_read_per_rank"] = bytes_json;
-    std::ofstream(report_path) << report.dump(2);
+    Json report;
+    report["seconds_per_rank"] = all_cold;
+    report["warm_seconds_per_rank"] = all_warm;
+    report["bytes_read_per_rank"] = all_bytes;
+    std::ofstream(report_path) << dump_json(report, 2);
   }
   MPI_Finalize();
   return 0;
@@ -195,11 +185,11 @@ int run_all(const std::string& folder, const std::string& mpirun, const std::str
   const double write_seconds = seconds_since(write_start);
   std::printf("  %.3f GB written in %.2f s\n", source_bytes / 1e9, write_seconds);
 
-  shard::Json results;
+  Json results;
   results["model"] = config.to_json();
   results["source_bytes"] = static_cast<int64_t>(source_bytes);
   results["kernel_threads"] = static_cast<int64_t>(kernels::kernel_threads());
-  shard::Json::Array conversions;
+  Json conversions = Json::array();
   struct Variant {
     const char* label;
     shard::ConvertOptions options;
@@ -219,7 +209,7 @@ int run_all(const std::string& folder, const std::string& mpirun, const std::str
     const double gbps = static_cast<double>(summary.source_bytes) / summary.seconds / 1e9;
     std::printf("convert %-17s %.3f GB source -> %.3f GB store in %.2f s: %.3f GB/s of source\n", variant.label,
                 summary.source_bytes / 1e9, file_size(out) / 1e9, summary.seconds, gbps);
-    shard::Json entry;
+    Json entry;
     entry["variant"] = variant.label;
     entry["seconds"] = summary.seconds;
     entry["source_gb_per_s"] = gbps;
@@ -256,7 +246,7 @@ int run_all(const std::string& folder, const std::string& mpirun, const std::str
   results["replicated_bytes"] = static_cast<int64_t>(replicated);
   results["vocabulary_bytes"] = static_cast<int64_t>(vocabulary);
   results["quantized_bytes"] = static_cast<int64_t>(quantized);
-  shard::Json::Array loads;
+  Json loads = Json::array();
   for (int world : {1, 2, 4}) {
     const std::string report = folder + "/load-np" + std::to_string(world) + ".json";
     const std::string command = mpirun + " -np " + std::to_string(world) + " --oversubscribe --bind-to none " + self +
@@ -268,13 +258,12 @@ int run_all(const std::string& folder, const std::string& mpirun, const std::str
     std::ifstream in(report);
     std::stringstream text;
     text << in.rdbuf();
-    shard::Json measured = shard::Json::parse(text.str());
+    Json measured = parse_json(text.str(), report);
     double slowest = 0, slowest_warm = 0, most_bytes = 0;
-    for (const auto& value : measured.at("seconds_per_rank").as_array()) slowest = std::max(slowest, value.as_double());
-    for (const auto& value : measured.at("warm_seconds_per_rank").as_array())
-      slowest_warm = std::max(slowest_warm, value.as_double());
-    for (const auto& value : measured.at("bytes_read_per_rank").as_array())
-      most_bytes = std::max(most_bytes, value.as_double());
+    for (const Json& value : measured.at("seconds_per_rank")) slowest = std::max(slowest, value.get<double>());
+    for (const Json& value : measured.at("warm_seconds_per_rank"))
+      slowest_warm = std::max(slowest_warm, value.get<double>());
+    for (const Json& value : measured.at("bytes_read_per_rank")) most_bytes = std::max(most_bytes, value.get<double>());
     const double sharded = static_cast<double>(quantized + vocabulary) / world;
     const double expected_bytes = static_cast<double>(replicated) + sharded;
     const double at_cold_bandwidth = expected_bytes / (cold_gbps * 1e9);
@@ -292,7 +281,7 @@ int run_all(const std::string& folder, const std::string& mpirun, const std::str
   }
   results["load"] = loads;
   const std::string out = std::string(QLORA_RESULTS_DIR) + "/store.json";
-  std::ofstream(out) << results.dump(2) << "\n";
+  std::ofstream(out) << dump_json(results, 2) << "\n";
   std::printf("wrote %s\n", out.c_str());
   return 0;
 }

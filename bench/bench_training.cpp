@@ -13,10 +13,10 @@
 #include "bench/bench_mpi.h"
 #include "cluster/memory.h"
 #include "cluster/mpi_communicator.h"
+#include "common/json.h"
 #include "launcher/threads.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
-#include "shard/json.h"
 
 namespace {
 
@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
       3.0 * 2.0 * 2.0 * sequence * config.num_attention_heads * config.head_dim * config.num_hidden_layers / 2.0;
   const double useful_flops_per_token = 4.0 * linear_parameters + attention_flops_per_token;
 
-  qlora::shard::Json::Array rows;
+  qlora::Json rows = qlora::Json::array();
   if (rank == 0)
     std::printf("# SmolLM2-135M shape, %d rank(s) x %d thread(s), 4 x %lld tokens per rank per step, LoRA r=16; "
                 "fp32 GEMM peak over all ranks %.1f GFLOP/s\n",
@@ -119,20 +119,20 @@ int main(int argc, char** argv) {
                   checkpointing ? "on" : "off", tokens_per_second, mfu,
                   static_cast<double>(result.memory.peak_total) / (1 << 30), peak_rss / (1 << 30),
                   peak_rss_all_ranks / (1 << 30));
-      qlora::shard::Json row;
+      qlora::Json row;
       row["gradient_checkpointing"] = checkpointing;
       row["tokens_per_second"] = tokens_per_second;
-      row["step_seconds"] = qlora::shard::Json::Array(result.step_seconds.begin(), result.step_seconds.end());
+      row["step_seconds"] = result.step_seconds;
       row["mfu"] = mfu;
       row["peak_tensor_bytes_rank0"] = result.memory.peak_total;
       row["peak_rss_bytes_max_rank"] = peak_rss;
       row["peak_rss_bytes_all_ranks"] = peak_rss_all_ranks;
-      row["losses"] = qlora::shard::Json::Array(result.losses.begin(), result.losses.end());
+      row["losses"] = result.losses;
       rows.push_back(row);
     }
   }
   if (rank == 0) {
-    qlora::shard::Json out;
+    qlora::Json out;
     out["benchmark"] = "training_smollm2_shape";
     out["ranks"] = world;
     out["threads_per_rank"] = threads;
@@ -144,7 +144,7 @@ int main(int argc, char** argv) {
     out["note"] = "peak RSS is each configuration's own (VmHWM reset before it): loading plus training; "
                   "the first step is not timed";
     const std::string path = std::string(QLORA_RESULTS_DIR) + "/training-np" + std::to_string(world) + ".json";
-    std::ofstream(path) << out.dump(2) << "\n";
+    std::ofstream(path) << qlora::dump_json(out, 2) << "\n";
     std::printf("wrote %s\n", path.c_str());
   }
   return 0;

@@ -14,9 +14,9 @@
 #include "bench/bench_mpi.h"
 #include "cluster/mpi_communicator.h"
 #include "cluster/rank_layout.h"
+#include "common/json.h"
 #include "launcher/threads.h"
 #include "model/chunked_loss.h"
-#include "shard/json.h"
 #include "shard/shard_plan.h"
 
 namespace {
@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
                 static_cast<double>(vocab * hidden_size * 4) / 1048576.0);
     std::printf("  vocabulary-parallel       %8.1f ms  (%.1f MiB fp32 slice on rank 0)\n", parallel_seconds * 1e3,
                 static_cast<double>(range.rows() * hidden_size * 4) / 1048576.0);
-    qlora::shard::Json out;
+    qlora::Json out;
     out["benchmark"] = "vocab_parallel_embedding_and_loss";
     out["ranks"] = world;
     out["threads_per_rank"] = threads;
@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
     out["whole_table_bytes"] = vocab * hidden_size * 4;
     out["slice_bytes_rank0"] = range.rows() * hidden_size * 4;
     const std::string path = std::string(QLORA_RESULTS_DIR) + "/vocab-parallel-np" + std::to_string(world) + ".json";
-    std::ofstream(path) << out.dump(2) << "\n";
+    std::ofstream(path) << qlora::dump_json(out, 2) << "\n";
     std::printf("wrote %s\n", path.c_str());
   }
   return 0;

@@ -3,9 +3,12 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace qlora {
 namespace {
+
+constexpr int kMaxNesting = 256;
 
 [[noreturn]] void fail(const std::string& label, const std::string& what) { throw FormatError(label + ": " + what); }
 
@@ -47,11 +50,38 @@ std::string field_name(const std::string& label, const std::string& key) { retur
 }  // namespace
 
 Json parse_json(std::string_view text, const std::string& label) {
+  // nlohmann's parser keeps the last of repeated keys and nests without limit. Readers disagree on
+  // which repeated key wins, which matters for headers describing byte ranges, so a repeat is an
+  // error; and copying or dumping a value recurses, so untrusted nesting is capped before it can
+  // exhaust the stack.
+  std::vector<size_t> keys_of_open_objects;
+  const Json::parser_callback_t check = [&](int depth, Json::parse_event_t event, Json& parsed) {
+    switch (event) {
+      case Json::parse_event_t::object_start:
+        keys_of_open_objects.push_back(0);
+        [[fallthrough]];
+      case Json::parse_event_t::array_start:
+        if (depth >= kMaxNesting)
+          fail(label, "invalid JSON: nesting deeper than " + std::to_string(kMaxNesting) + " levels");
+        break;
+      case Json::parse_event_t::key:
+        ++keys_of_open_objects.back();
+        break;
+      case Json::parse_event_t::object_end:
+        if (parsed.size() != keys_of_open_objects.back()) fail(label, "invalid JSON: an object repeats a key");
+        keys_of_open_objects.pop_back();
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
   try {
-    return Json::parse(text.begin(), text.end());
-  } catch (const Json::parse_error& error) {
+    return Json::parse(text.begin(), text.end(), check);
+  } catch (const Json::exception& error) {
     // nlohmann's message starts with "[json.exception.parse_error.101] parse error at line 1,
-    // column 5: ..."; the part after the bracket is what a user can act on.
+    // column 5: ..."; the part after the bracket is what a user can act on. Numbers too large for
+    // a double arrive as out_of_range rather than parse_error, and are just as much bad input.
     std::string reason = error.what();
     const auto bracket = reason.find("] ");
     if (bracket != std::string::npos) reason = reason.substr(bracket + 2);

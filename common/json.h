@@ -16,7 +16,8 @@ namespace qlora {
 // Keys come out sorted, as every writer in this project has always produced them.
 using Json = nlohmann::json;
 
-// Parses untrusted text. Throws FormatError "<label>: invalid JSON: <reason at byte N>".
+// Parses untrusted text. Throws FormatError "<label>: invalid JSON: <reason at line L, column C>";
+// beyond RFC 8259 it also refuses an object repeating a key and nesting deeper than 256 levels.
 Json parse_json(std::string_view text, const std::string& label);
 
 // Serialises compactly (indent < 0) or pretty-printed; bytes that are not UTF-8 become U+FFFD rather

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string_view>
 
 #include "kernels/double_quant.h"
 
@@ -63,26 +64,24 @@ kernels::DType dtype_from_torch_name(const std::string& name, const std::string&
 }  // namespace
 
 BnbQuantizationConfig parse_bnb_quantization_config(const Json& quantization_config, const std::string& where) {
+  const Json& config = quantization_config;
+  const std::string label = where + ": quantization_config";
   BnbQuantizationConfig result;
-  try {
-    const std::string method = quantization_config.get_string("quant_method", "");
-    if (method != "bitsandbytes")
-      throw FormatError(where + ": quantization_config.quant_method is '" + method +
-                        "'; qlora imports only bitsandbytes checkpoints (or convert the 16-bit original)");
-    result.load_in_4bit = quantization_config.get_bool("load_in_4bit", quantization_config.get_bool("_load_in_4bit", false));
-    result.load_in_8bit = quantization_config.get_bool("load_in_8bit", quantization_config.get_bool("_load_in_8bit", false));
-    if (result.load_in_4bit == result.load_in_8bit)
-      throw FormatError(where + ": quantization_config must set exactly one of load_in_4bit and load_in_8bit");
-    const std::string type = quantization_config.get_string("bnb_4bit_quant_type", "fp4");
-    if (type != "nf4" && type != "fp4") throw FormatError(where + ": bnb_4bit_quant_type '" + type + "' is not nf4 or fp4");
-    result.quant_type = type == "nf4" ? kernels::QuantType::nf4 : kernels::QuantType::fp4;
-    result.double_quant = quantization_config.get_bool("bnb_4bit_use_double_quant", false);
-    if (result.load_in_8bit && quantization_config.get_bool("llm_int8_has_fp16_weight", false))
-      throw FormatError(where + ": llm_int8_has_fp16_weight checkpoints keep 16-bit weights; convert them as a "
-                        "plain checkpoint");
-  } catch (const JsonError& error) {
-    throw FormatError(where + ": quantization_config: " + error.what());
-  }
+  const std::string method = json_string_or(config, "quant_method", "", label);
+  if (method != "bitsandbytes")
+    throw FormatError(where + ": quantization_config.quant_method is '" + method +
+                      "'; qlora imports only bitsandbytes checkpoints (or convert the 16-bit original)");
+  result.load_in_4bit = json_bool_or(config, "load_in_4bit", json_bool_or(config, "_load_in_4bit", false, label), label);
+  result.load_in_8bit = json_bool_or(config, "load_in_8bit", json_bool_or(config, "_load_in_8bit", false, label), label);
+  if (result.load_in_4bit == result.load_in_8bit)
+    throw FormatError(where + ": quantization_config must set exactly one of load_in_4bit and load_in_8bit");
+  const std::string type = json_string_or(config, "bnb_4bit_quant_type", "fp4", label);
+  if (type != "nf4" && type != "fp4") throw FormatError(where + ": bnb_4bit_quant_type '" + type + "' is not nf4 or fp4");
+  result.quant_type = type == "nf4" ? kernels::QuantType::nf4 : kernels::QuantType::fp4;
+  result.double_quant = json_bool_or(config, "bnb_4bit_use_double_quant", false, label);
+  if (result.load_in_8bit && json_bool_or(config, "llm_int8_has_fp16_weight", false, label))
+    throw FormatError(where + ": llm_int8_has_fp16_weight checkpoints keep 16-bit weights; convert them as a "
+                      "plain checkpoint");
   return result;
 }
 
@@ -106,35 +105,31 @@ Bnb4bitWeight read_bnb_4bit_weight(const SafetensorsCheckpoint& checkpoint, cons
   const SafetensorsEntry& state_entry = checkpoint.entry(state_name);
   if (!state_entry.dtype_known || state_entry.dtype != kernels::DType::u8)
     throw FormatError(where + " has dtype " + state_entry.dtype_code + "; expected U8 (JSON bytes)");
-  Json state;
-  try {
-    state = Json::parse(reinterpret_cast<const char*>(checkpoint.data(state_name)),
-                        static_cast<size_t>(state_entry.end - state_entry.begin));
-  } catch (const JsonError& error) {
-    throw FormatError(where + ": invalid JSON: " + error.what());
-  }
+  const Json state = parse_json(std::string_view(reinterpret_cast<const char*>(checkpoint.data(state_name)),
+                                                 static_cast<size_t>(state_entry.end - state_entry.begin)),
+                                where);
   const int64_t numel = numel_of(shape);
-  try {
-    weight.quant_type = nf4 ? kernels::QuantType::nf4 : kernels::QuantType::fp4;
-    if (state.get_string("quant_type", "") != (nf4 ? "nf4" : "fp4"))
-      throw FormatError(where + ": quant_type '" + state.get_string("quant_type", "") + "' contradicts the entry's name");
-    weight.blocksize = state.at("blocksize").as_int();
-    if (weight.blocksize < 32 || weight.blocksize > 4096 || (weight.blocksize & (weight.blocksize - 1)) != 0)
-      throw FormatError(where + ": blocksize " + std::to_string(weight.blocksize) + " is not a power of two in [32, 4096]");
-    weight.dtype = dtype_from_torch_name(state.get_string("dtype", ""), where);
-    std::vector<int64_t> stored_shape;
-    for (const Json& dim : state.at("shape").as_array()) stored_shape.push_back(dim.as_int());
-    if (stored_shape != shape)
-      throw FormatError(where + ": shape " + shape_text(stored_shape) + " but config.json implies " + shape_text(shape));
-    weight.nested = state.contains("nested_offset");
-    if (weight.nested) {
-      if (state.get_int("nested_blocksize", 0) != kernels::kNestedBlocksize || state.get_string("nested_dtype", "") != "float32")
-        throw FormatError(where + ": nested statistics must use blocksize 256 and float32 (as bitsandbytes writes them)");
-      weight.nested_offset = static_cast<float>(state.at("nested_offset").as_double());
-      if (!std::isfinite(weight.nested_offset)) throw FormatError(where + ": nested_offset is not finite");
-    }
-  } catch (const JsonError& error) {
-    throw FormatError(where + ": " + error.what());
+  weight.quant_type = nf4 ? kernels::QuantType::nf4 : kernels::QuantType::fp4;
+  const std::string quant_type = json_string_or(state, "quant_type", "", where);
+  if (quant_type != (nf4 ? "nf4" : "fp4"))
+    throw FormatError(where + ": quant_type '" + quant_type + "' contradicts the entry's name");
+  weight.blocksize = json_int(state, "blocksize", where);
+  if (weight.blocksize < 32 || weight.blocksize > 4096 || (weight.blocksize & (weight.blocksize - 1)) != 0)
+    throw FormatError(where + ": blocksize " + std::to_string(weight.blocksize) + " is not a power of two in [32, 4096]");
+  weight.dtype = dtype_from_torch_name(json_string_or(state, "dtype", "", where), where);
+  if (!state.contains("shape") || !state["shape"].is_array())
+    throw FormatError(where + ": field \"shape\" must be an array of integers");
+  std::vector<int64_t> stored_shape;
+  for (const Json& dim : state["shape"]) stored_shape.push_back(json_as_int(dim, where + ": an entry of \"shape\""));
+  if (stored_shape != shape)
+    throw FormatError(where + ": shape " + shape_text(stored_shape) + " but config.json implies " + shape_text(shape));
+  weight.nested = state.contains("nested_offset");
+  if (weight.nested) {
+    if (json_int_or(state, "nested_blocksize", 0, where) != kernels::kNestedBlocksize ||
+        json_string_or(state, "nested_dtype", "", where) != "float32")
+      throw FormatError(where + ": nested statistics must use blocksize 256 and float32 (as bitsandbytes writes them)");
+    weight.nested_offset = static_cast<float>(json_double(state, "nested_offset", where));
+    if (!std::isfinite(weight.nested_offset)) throw FormatError(where + ": nested_offset is not finite");
   }
 
   const int64_t blocks = kernels::quant_block_count(numel, weight.blocksize);

@@ -11,9 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "common/json.h"
 #include "kernels/dtype.h"
 #include "kernels/nf4.h"
-#include "shard/json.h"
 #include "shard/safetensors.h"
 
 namespace qlora::shard {
@@ -27,7 +27,7 @@ struct BnbQuantizationConfig {
 };
 
 // FormatError naming `where` for anything but a bitsandbytes 4-bit or 8-bit configuration.
-BnbQuantizationConfig parse_bnb_quantization_config(const Json& quantization_config, const std::string& where);
+BnbQuantizationConfig parse_bnb_quantization_config(const qlora::Json& quantization_config, const std::string& where);
 
 struct Bnb4bitWeight {
   kernels::QuantType quant_type = kernels::QuantType::nf4;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/hash.h"
+#include "common/json.h"
 #include "kernels/double_quant.h"
 #include "kernels/dtype.h"
 #include "kernels/ggml_blocks.h"
@@ -323,12 +324,7 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
   if (!config_file) throw FormatError(config_path + ": cannot read (is --from a Hugging Face model folder?)");
   std::stringstream config_text;
   config_text << config_file.rdbuf();
-  Json config_json;
-  try {
-    config_json = Json::parse(config_text.str());
-  } catch (const JsonError& error) {
-    throw FormatError(config_path + ": invalid JSON: " + error.what());
-  }
+  const Json config_json = parse_json(config_text.str(), config_path);
   const ModelConfig config = ModelConfig::from_json(config_json, config_path);
   auto checkpoint = SafetensorsCheckpoint::open_directory(directory);
   if (config_json.contains("quantization_config"))

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "common/json.h"
+
 namespace qlora::shard {
 
 struct JsonError : std::runtime_error {
@@ -33,6 +35,10 @@ class Json {
   Json(std::string value);
   Json(Array value);
   Json(Object value);
+
+  // Bridge to common/json.h while the last users of this type move over; it goes with this file.
+  Json(const qlora::Json& value) : Json(parse(qlora::dump_json(value))) {}
+  operator qlora::Json() const { return qlora::parse_json(dump(), "JSON value"); }
 
   // Throws JsonError naming the byte offset and what was expected. Rejects trailing garbage,
   // depth over 256, invalid UTF-8 escapes and non-finite numbers.

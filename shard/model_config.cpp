@@ -23,50 +23,45 @@ ModelConfig ModelConfig::from_json(const Json& json, const std::string& source) 
   auto required = [&](const char* key) -> int64_t {
     if (!json.contains(key)) throw FormatError(source + ": missing field '" + key + "'");
     const Json& value = json.at(key);
-    if (!value.is_number() || value.as_double() <= 0)
+    if (!value.is_number() || value.get<double>() <= 0)
       throw FormatError(source + ": field '" + key + "' must be a positive integer");
-    return value.as_int();
+    return json_int(json, key, source);
   };
-  try {
-    config.architecture = json.get_string("model_type", "llama");
-    if (config.architecture != "llama" && config.architecture != "mistral" && config.architecture != "qwen2")
-      throw FormatError(source + ": unsupported model_type '" + config.architecture +
-                        "' (supported: llama, mistral, qwen2)");
-    config.hidden_size = required("hidden_size");
-    config.intermediate_size = required("intermediate_size");
-    config.num_hidden_layers = required("num_hidden_layers");
-    config.num_attention_heads = required("num_attention_heads");
-    config.num_key_value_heads = json.get_int("num_key_value_heads", config.num_attention_heads);
-    config.head_dim = json.contains("head_dim") && !json.at("head_dim").is_null()
-                          ? json.at("head_dim").as_int()
-                          : config.hidden_size / config.num_attention_heads;
-    config.vocab_size = required("vocab_size");
-    config.max_position_embeddings = json.get_int("max_position_embeddings", 2048);
-    config.rms_norm_eps = json.get_double("rms_norm_eps", 1e-5);
-    config.rope_theta = json.get_double("rope_theta", 10000.0);
-    config.tie_word_embeddings = json.get_bool("tie_word_embeddings", false);
-    config.attention_bias = json.get_bool("attention_bias", config.architecture == "qwen2");
-    config.torch_dtype = json.get_string("torch_dtype", "bfloat16");
-    // transformers 5 folds rope_theta and rope_scaling into one rope_parameters object.
-    const char* scaling_key = json.contains("rope_parameters") && json.at("rope_parameters").is_object()
-                                  ? "rope_parameters"
-                                  : "rope_scaling";
-    if (std::string(scaling_key) == "rope_parameters")
-      config.rope_theta = json.at(scaling_key).get_double("rope_theta", config.rope_theta);
-    if (json.contains(scaling_key) && json.at(scaling_key).is_object()) {
-      const Json& scaling = json.at(scaling_key);
-      config.rope_scaling.type = scaling.get_string("rope_type", scaling.get_string("type", ""));
-      if (config.rope_scaling.type == "default") config.rope_scaling.type.clear();
-      if (!config.rope_scaling.type.empty() && config.rope_scaling.type != "llama3")
-        throw FormatError(source + ": unsupported rope_scaling type '" + config.rope_scaling.type + "'");
-      config.rope_scaling.factor = scaling.get_double("factor", 8.0);
-      config.rope_scaling.low_freq_factor = scaling.get_double("low_freq_factor", 1.0);
-      config.rope_scaling.high_freq_factor = scaling.get_double("high_freq_factor", 4.0);
-      config.rope_scaling.original_max_position_embeddings =
-          scaling.get_int("original_max_position_embeddings", 8192);
-    }
-  } catch (const JsonError& error) {
-    throw FormatError(source + ": " + error.what());
+  config.architecture = json_string_or(json, "model_type", "llama", source);
+  if (config.architecture != "llama" && config.architecture != "mistral" && config.architecture != "qwen2")
+    throw FormatError(source + ": unsupported model_type '" + config.architecture +
+                      "' (supported: llama, mistral, qwen2)");
+  config.hidden_size = required("hidden_size");
+  config.intermediate_size = required("intermediate_size");
+  config.num_hidden_layers = required("num_hidden_layers");
+  config.num_attention_heads = required("num_attention_heads");
+  config.num_key_value_heads = json_int_or(json, "num_key_value_heads", config.num_attention_heads, source);
+  config.head_dim = json_int_or(json, "head_dim", config.hidden_size / config.num_attention_heads, source);
+  config.vocab_size = required("vocab_size");
+  config.max_position_embeddings = json_int_or(json, "max_position_embeddings", 2048, source);
+  config.rms_norm_eps = json_double_or(json, "rms_norm_eps", 1e-5, source);
+  config.rope_theta = json_double_or(json, "rope_theta", 10000.0, source);
+  config.tie_word_embeddings = json_bool_or(json, "tie_word_embeddings", false, source);
+  config.attention_bias = json_bool_or(json, "attention_bias", config.architecture == "qwen2", source);
+  config.torch_dtype = json_string_or(json, "torch_dtype", "bfloat16", source);
+  // transformers 5 folds rope_theta and rope_scaling into one rope_parameters object.
+  const std::string scaling_key =
+      json.contains("rope_parameters") && json.at("rope_parameters").is_object() ? "rope_parameters" : "rope_scaling";
+  const std::string scaling_source = source + ": " + scaling_key;
+  if (scaling_key == "rope_parameters")
+    config.rope_theta = json_double_or(json.at(scaling_key), "rope_theta", config.rope_theta, scaling_source);
+  if (json.contains(scaling_key) && json.at(scaling_key).is_object()) {
+    const Json& scaling = json.at(scaling_key);
+    config.rope_scaling.type =
+        json_string_or(scaling, "rope_type", json_string_or(scaling, "type", "", scaling_source), scaling_source);
+    if (config.rope_scaling.type == "default") config.rope_scaling.type.clear();
+    if (!config.rope_scaling.type.empty() && config.rope_scaling.type != "llama3")
+      throw FormatError(source + ": unsupported rope_scaling type '" + config.rope_scaling.type + "'");
+    config.rope_scaling.factor = json_double_or(scaling, "factor", 8.0, scaling_source);
+    config.rope_scaling.low_freq_factor = json_double_or(scaling, "low_freq_factor", 1.0, scaling_source);
+    config.rope_scaling.high_freq_factor = json_double_or(scaling, "high_freq_factor", 4.0, scaling_source);
+    config.rope_scaling.original_max_position_embeddings =
+        json_int_or(scaling, "original_max_position_embeddings", 8192, scaling_source);
   }
   if (config.num_attention_heads % config.num_key_value_heads != 0)
     throw FormatError(source + ": num_attention_heads (" + std::to_string(config.num_attention_heads) +
@@ -77,11 +72,11 @@ ModelConfig ModelConfig::from_json(const Json& json, const std::string& source) 
 }
 
 Json ModelConfig::to_json() const {
-  Json json;
+  Json json = Json::object();
   json["model_type"] = architecture;
-  json["architectures"] = Json::Array{Json(architecture == "qwen2"     ? "Qwen2ForCausalLM"
-                                           : architecture == "mistral" ? "MistralForCausalLM"
-                                                                        : "LlamaForCausalLM")};
+  json["architectures"] = Json::array({architecture == "qwen2"     ? "Qwen2ForCausalLM"
+                                       : architecture == "mistral" ? "MistralForCausalLM"
+                                                                    : "LlamaForCausalLM"});
   json["hidden_size"] = hidden_size;
   json["intermediate_size"] = intermediate_size;
   json["num_hidden_layers"] = num_hidden_layers;
@@ -173,11 +168,7 @@ ModelConfig read_config_file(const std::string& path) {
   if (!file) throw FormatError(path + ": cannot read the model config");
   std::stringstream text;
   text << file.rdbuf();
-  try {
-    return ModelConfig::from_json(Json::parse(text.str()), path);
-  } catch (const JsonError& error) {
-    throw FormatError(path + ": invalid JSON: " + error.what());
-  }
+  return ModelConfig::from_json(parse_json(text.str(), path), path);
 }
 
 }  // namespace qlora::shard

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "shard/json.h"
+#include "common/json.h"
 
 namespace qlora::shard {
 
@@ -36,8 +36,8 @@ struct ModelConfig {
   std::string torch_dtype = "bfloat16";
 
   // Throws FormatError (naming `source`) when a field is missing or inconsistent.
-  static ModelConfig from_json(const Json& json, const std::string& source);
-  Json to_json() const;
+  static ModelConfig from_json(const qlora::Json& json, const std::string& source);
+  qlora::Json to_json() const;
 
   // Hugging Face tensor names of this model, and the shape each must have.
   std::vector<std::string> tensor_names() const;

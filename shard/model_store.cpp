@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <sstream>
 
+#include "common/json.h"
 #include "shard/hdf5_file.h"
 #include "shard/safetensors.h"
 
@@ -90,8 +91,10 @@ std::unique_ptr<ModelStore> ModelStore::open(const std::string& path) {
   if (header.format_version > kStoreFormatVersion)
     throw FormatError(path + ": written by a newer qlora (format version " + std::to_string(header.format_version) +
                       ", this build reads up to " + std::to_string(kStoreFormatVersion) + "); upgrade qlora");
-  header.config = ModelConfig::from_json(Json::parse(read_string_attribute(root.get(), "config_json", path)),
-                                         path + " (config_json)");
+  const std::string config_source = path + " (config_json)";
+  header.config =
+      ModelConfig::from_json(parse_json(read_string_attribute(root.get(), "config_json", path), config_source),
+                             config_source);
   header.quant_method = read_string_attribute(root.get(), "quant_method", path);
   header.quant_type = read_string_attribute(root.get(), "quant_type", path);
   header.blocksize = read_int_attribute(root.get(), "blocksize", path);
@@ -361,7 +364,7 @@ void ModelStoreWriter::finish() {
     write_string_attribute(root.get(), "format", kFormatName, path_);
     write_int_attribute(root.get(), "format_version", header_.format_version, path_);
     write_string_attribute(root.get(), "architecture", header_.config.architecture, path_);
-    write_string_attribute(root.get(), "config_json", header_.config.to_json().dump(), path_);
+    write_string_attribute(root.get(), "config_json", dump_json(header_.config.to_json()), path_);
     write_string_attribute(root.get(), "quant_method", header_.quant_method, path_);
     write_string_attribute(root.get(), "quant_type", header_.quant_type, path_);
     write_int_attribute(root.get(), "blocksize", header_.blocksize, path_);

@@ -13,9 +13,11 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <string_view>
 #include <utility>
 
-#include "shard/json.h"
+#include "common/json.h"
 
 namespace qlora::shard {
 
@@ -112,18 +114,22 @@ bool is_directory(const std::string& path) {
   return ::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
 }
 
-// Reads a non-negative integer field; JSON numbers that are fractional, negative or past int64
-// are all "not a valid size" from the file's point of view.
-bool read_count(const Json& value, uint64_t* out) {
-  if (!value.is_number()) return false;
+// An integer field's value, or nothing when the JSON value is not a number, is fractional or lies
+// past int64: from the file's point of view all of those are simply not a valid count.
+std::optional<int64_t> integer_of(const Json& value) {
+  if (!value.is_number()) return std::nullopt;
   try {
-    const int64_t number = value.as_int();
-    if (number < 0) return false;
-    *out = static_cast<uint64_t>(number);
-    return true;
-  } catch (const JsonError&) {
-    return false;
+    return json_as_int(value, "count");
+  } catch (const FormatError&) {
+    return std::nullopt;
   }
+}
+
+bool read_count(const Json& value, uint64_t* out) {
+  const std::optional<int64_t> number = integer_of(value);
+  if (!number || *number < 0) return false;
+  *out = static_cast<uint64_t>(*number);
+  return true;
 }
 
 // Everything the writer and reader agree on about one tensor's bytes: numel * bits / 8, with the
@@ -163,7 +169,7 @@ SafetensorsEntry parse_entry(const std::string& path, const std::string& name, c
 
   if (!value.contains("dtype")) fail_tensor(path, name, "header entry has no 'dtype'");
   if (!value.at("dtype").is_string()) fail_tensor(path, name, "'dtype' is not a string");
-  entry.dtype_code = value.at("dtype").as_string();
+  entry.dtype_code = value.at("dtype").get<std::string>();
   const DtypeInfo* info = find_dtype_code(entry.dtype_code);
   if (info == nullptr) fail_tensor(path, name, "unknown dtype '" + entry.dtype_code + "'");
   entry.dtype_known = info->known;
@@ -172,24 +178,18 @@ SafetensorsEntry parse_entry(const std::string& path, const std::string& name, c
   if (!value.contains("shape")) fail_tensor(path, name, "header entry has no 'shape'");
   const Json& shape = value.at("shape");
   if (!shape.is_array()) fail_tensor(path, name, "'shape' is not an array");
-  for (const Json& dim : shape.as_array()) {
-    if (dim.is_number()) {
-      try {
-        const int64_t number = dim.as_int();
-        if (number < 0) fail_tensor(path, name, "negative dimension " + std::to_string(number) + " in 'shape'");
-        entry.shape.push_back(number);
-        continue;
-      } catch (const JsonError&) {
-      }
-    }
-    fail_tensor(path, name, "'shape' holds " + dim.dump() + ", not a non-negative integer");
+  for (const Json& dim : shape) {
+    const std::optional<int64_t> number = integer_of(dim);
+    if (!number) fail_tensor(path, name, "'shape' holds " + dump_json(dim) + ", not a non-negative integer");
+    if (*number < 0) fail_tensor(path, name, "negative dimension " + std::to_string(*number) + " in 'shape'");
+    entry.shape.push_back(*number);
   }
 
   if (!value.contains("data_offsets")) fail_tensor(path, name, "header entry has no 'data_offsets'");
   const Json& offsets = value.at("data_offsets");
-  if (!offsets.is_array() || offsets.size() != 2 || !read_count(offsets.at(0), &entry.begin) ||
-      !read_count(offsets.at(1), &entry.end)) {
-    fail_tensor(path, name, "'data_offsets' " + offsets.dump() + " is not a pair of non-negative integers");
+  if (!offsets.is_array() || offsets.size() != 2 || !read_count(offsets[0], &entry.begin) ||
+      !read_count(offsets[1], &entry.end)) {
+    fail_tensor(path, name, "'data_offsets' " + dump_json(offsets) + " is not a pair of non-negative integers");
   }
 
   uint64_t needed = 0;
@@ -315,25 +315,20 @@ void SafetensorsFile::parse_image() {
   }
   const char* header = reinterpret_cast<const char*>(bytes + 8);
   if (header_length == 0 || header[0] != '{') fail(path, "header is not a JSON object (it must start with '{')");
-  Json root;
-  try {
-    root = Json::parse(header, header_length);
-  } catch (const JsonError& error) {
-    fail(path, std::string("header is not valid JSON: ") + error.what());
-  }
+  const Json root = parse_json(std::string_view(header, header_length), path + ": header");
   if (!root.is_object()) fail(path, "header is not a JSON object");
 
   file->data_offset_ = 8 + header_length;
   const uint64_t data_size = size - file->data_offset_;
 
-  for (const auto& [name, value] : root.as_object()) {
+  for (const auto& [name, value] : root.items()) {
     if (name == kMetadataKey) {
       if (!value.is_object()) fail(path, "__metadata__ is not a JSON object");
-      for (const auto& [key, item] : value.as_object()) {
+      for (const auto& [key, item] : value.items()) {
         if (!item.is_string()) {
-          fail(path, "__metadata__ value for '" + key + "' is " + item.dump() + ", not a string");
+          fail(path, "__metadata__ value for '" + key + "' is " + dump_json(item) + ", not a string");
         }
-        file->metadata_.emplace(key, item.as_string());
+        file->metadata_.emplace(key, item.get<std::string>());
       }
       continue;
     }
@@ -414,24 +409,19 @@ std::unique_ptr<SafetensorsCheckpoint> SafetensorsCheckpoint::open_directory(con
   }
 
   const std::string text = read_whole_file(index_path);
-  Json index;
-  try {
-    index = Json::parse(text);
-  } catch (const JsonError& error) {
-    fail(index_path, std::string("not valid JSON: ") + error.what());
-  }
+  const Json index = parse_json(text, index_path);
   if (!index.is_object()) fail(index_path, "not a JSON object");
   if (!index.contains("weight_map")) fail(index_path, "has no 'weight_map'");
   const Json& weight_map = index.at("weight_map");
   if (!weight_map.is_object()) fail(index_path, "'weight_map' is not a JSON object");
 
   std::map<std::string, size_t> file_index_of_shard;
-  for (const auto& [tensor, shard_value] : weight_map.as_object()) {
+  for (const auto& [tensor, shard_value] : weight_map.items()) {
     if (!shard_value.is_string()) {
-      fail(index_path, "weight_map entry for " + tensor_label(tensor) + " is " + shard_value.dump() +
+      fail(index_path, "weight_map entry for " + tensor_label(tensor) + " is " + dump_json(shard_value) +
                            ", not a file name");
     }
-    const std::string& shard = shard_value.as_string();
+    const std::string& shard = shard_value.get_ref<const std::string&>();
     if (!is_safe_shard_name(shard)) {
       fail(index_path, "weight_map names shard '" + shard + "' for " + tensor_label(tensor) +
                            ", which is not a relative path inside the checkpoint");
@@ -534,26 +524,18 @@ bool write_all(int fd, const void* data, size_t size) {
 }  // namespace
 
 void SafetensorsWriter::write(const std::string& path) const {
-  Json::Object header;
-  if (!metadata_.empty()) {
-    Json::Object metadata;
-    for (const auto& [key, value] : metadata_) metadata.emplace(key, Json(value));
-    header.emplace(kMetadataKey, Json(std::move(metadata)));
-  }
+  Json header = Json::object();
+  if (!metadata_.empty()) header[kMetadataKey] = metadata_;
   uint64_t offset = 0;
   for (const auto& [name, tensor] : tensors_) {
-    Json::Array shape;
-    for (const int64_t dim : tensor.shape) shape.emplace_back(dim);
     const uint64_t end = offset + tensor.bytes.size();
-    Json::Object entry;
-    entry.emplace("dtype", Json(code_of(tensor.dtype)));
-    entry.emplace("shape", Json(std::move(shape)));
-    entry.emplace("data_offsets",
-                  Json(Json::Array{Json(static_cast<int64_t>(offset)), Json(static_cast<int64_t>(end))}));
-    header.emplace(name, Json(std::move(entry)));
+    Json& entry = header[name];
+    entry["dtype"] = code_of(tensor.dtype);
+    entry["shape"] = tensor.shape;
+    entry["data_offsets"] = Json::array({offset, end});
     offset = end;
   }
-  std::string header_text = Json(std::move(header)).dump();
+  std::string header_text = dump_json(header);
   // Padding to 8 keeps the data section, and so every 8-byte-multiple tensor, 8-byte aligned.
   header_text.append((8 - header_text.size() % 8) % 8, ' ');
   if (header_text.size() > kMaxHeaderBytes) {

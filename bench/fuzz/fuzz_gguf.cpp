@@ -10,6 +10,7 @@
 #include "shard/gguf.h"
 #include "shard/safetensors.h"
 
+using qlora::FormatError;
 using namespace qlora::shard;
 using qlora::FormatError;
 

@@ -6,6 +6,7 @@
 
 #include "shard/safetensors.h"
 
+using qlora::FormatError;
 using namespace qlora::shard;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

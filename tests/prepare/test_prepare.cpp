@@ -144,7 +144,9 @@ TEST(Prepare, ReentrantCheckpointingWithoutTheInputHookStarvesTheAdapters) {
     for (auto& [name, parameter] : fixture.model->named_lora_parameters()) {
       ASSERT_TRUE(parameter.grad().defined()) << name;
       // B starts at zero, so A's first gradient is zero too; B's must not be.
-      if (name.find("lora_B") != std::string::npos) EXPECT_GT(parameter.grad().abs().max().item<float>(), 0.0f) << name;
+      if (name.find("lora_B") != std::string::npos) {
+        EXPECT_GT(parameter.grad().abs().max().item<float>(), 0.0f) << name;
+      }
     }
   }
 }

@@ -15,12 +15,12 @@
 #include <string>
 #include <vector>
 
+#include "common/json.h"
 #include "kernels/double_quant.h"
 #include "kernels/dtype.h"
 #include "kernels/int8.h"
 #include "kernels/nf4.h"
 #include "shard/converter.h"
-#include "shard/json.h"
 #include "shard/model_store.h"
 #include "shard/safetensors.h"
 #include "shard/shard_plan.h"
@@ -120,8 +120,8 @@ void expect_four_bit_import_is_bytewise(const std::string& variant, const char* 
     if (nested) {
       EXPECT_EQ(bytes.nested, checkpoint_bytes(*checkpoint, name + ".nested_absmax"));
       const auto state_bytes = checkpoint_bytes(*checkpoint, name + ".quant_state.bitsandbytes__" + quant_type);
-      const Json state = Json::parse(std::string(state_bytes.begin(), state_bytes.end()));
-      EXPECT_EQ(tensor.nested_offset, static_cast<float>(state.at("nested_offset").as_double()));
+      const Json state = parse_json(std::string(state_bytes.begin(), state_bytes.end()), name);
+      EXPECT_EQ(tensor.nested_offset, static_cast<float>(state.at("nested_offset").get<double>()));
     } else {
       EXPECT_TRUE(bytes.nested.empty());
     }
@@ -353,7 +353,9 @@ TEST(ShardPlan, DoubleQuantizedAndInt8TensorsSplitAtTheirBoundariesForAnyWorld) 
           const ShardRange range = shard_range(tensor.geometry, rank, world);
           EXPECT_EQ(range.block_begin, previous_end);
           EXPECT_EQ(range.block_begin % tensor.geometry.blocks_per_cut(), 0) << "cut inside a second-level block";
-          if (tensor.geometry.double_quant) EXPECT_EQ(range.nested_begin * 256, range.block_begin);
+          if (tensor.geometry.double_quant) {
+            EXPECT_EQ(range.nested_begin * 256, range.block_begin);
+          }
           previous_end = range.block_end;
           auto store = ModelStore::open(path);
           const int64_t absmax_size = tensor.geometry.absmax_bytes_per_block();

@@ -7,7 +7,7 @@
 #include <fstream>
 #include <random>
 
-#include "common/hash.h"
+#include "common/json.h"
 #include "kernels/dtype.h"
 #include "kernels/nf4.h"
 #include "shard/converter.h"
@@ -20,27 +20,6 @@ namespace {
 
 using testing_support::shared_temp_dir;
 using testing_support::synthetic_store;
-
-// The checksum's definition (docs/FORMAT.md "Checksums"); expected values from an independent
-// Python implementation of the same definition. Any split of the stream gives the same value.
-TEST(Checksum, FourLaneFnvMatchesItsDefinitionWhateverTheSplit) {
-  std::vector<uint8_t> bytes(100);
-  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<uint8_t>(i);
-  Fnv1a64 whole;
-  whole.update(bytes.data(), bytes.size());
-  EXPECT_EQ(whole.hex(), "741ca261447f7485");
-  for (size_t first : {1, 7, 31, 32, 33, 64, 99}) {
-    Fnv1a64 split;
-    split.update(bytes.data(), first);
-    split.update(bytes.data() + first, 3 < bytes.size() - first ? 3 : bytes.size() - first);
-    if (first + 3 < bytes.size()) split.update(bytes.data() + first + 3, bytes.size() - first - 3);
-    EXPECT_EQ(split.hex(), "741ca261447f7485") << "split at " << first;
-  }
-  EXPECT_EQ(Fnv1a64().hex(), "939e3a8b38c8fe25");
-  Fnv1a64 word;
-  word.update("qlora", 5);
-  EXPECT_EQ(word.hex(), "dd1e6fd5325eacf8");
-}
 
 TEST(ModelStore, SyntheticStoreHasEveryTensorWithItsShape) {
   auto store = ModelStore::open(synthetic_store("tiny"));
@@ -149,7 +128,7 @@ TEST(ModelStore, EachRankReadsAboutItsShareOfTheQuantizedBytes) {
 std::string write_hf_checkpoint(const std::string& folder, const ModelConfig& config, bool corrupt_shape,
                                 bool inject_nan, std::map<std::string, std::vector<float>>* originals) {
   std::filesystem::create_directories(folder);
-  std::ofstream(folder + "/config.json") << config.to_json().dump(2);
+  std::ofstream(folder + "/config.json") << dump_json(config.to_json(), 2);
   SafetensorsWriter writer;
   std::mt19937 generator(7);
   std::normal_distribution<float> normal(0.0f, 0.05f);

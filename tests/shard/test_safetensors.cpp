@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "shard/json.h"
+#include "common/json.h"
 #include "shard/safetensors.h"
 
 namespace qlora::shard {
@@ -180,7 +180,7 @@ TEST_F(SafetensorsTest, WriterPadsHeaderAndLaysOutInNameOrder) {
   ASSERT_EQ(header.front(), '{');
   const size_t close = header.find_last_of('}');
   EXPECT_EQ(header.find_first_not_of(' ', close + 1), std::string::npos);
-  EXPECT_FALSE(Json::parse(header).contains("__metadata__"));  // none was set
+  EXPECT_FALSE(parse_json(header, file).contains("__metadata__"));  // none was set
 
   const auto reader = SafetensorsFile::open(file);
   EXPECT_EQ(reader->at("a").begin, 0u);
@@ -305,7 +305,7 @@ TEST_F(SafetensorsTest, RejectsHeaderLengthPastEndOfFile) {
 
 TEST_F(SafetensorsTest, RejectsHeaderThatIsNotJson) {
   const std::string file = craft("garbage.safetensors", R"({"x": )", 0);
-  expect_rejected(file, {file, "not valid JSON", "byte offset"});
+  expect_rejected(file, {file, "header: invalid JSON", "line 1, column 7"});
   const std::string empty = craft("empty_header.safetensors", "", 0);
   expect_rejected(empty, {empty, "not a JSON object"});
 }
@@ -315,6 +315,22 @@ TEST_F(SafetensorsTest, RejectsHeaderThatIsNotAnObject) {
   expect_rejected(file, {file, "not a JSON object"});
   const std::string spaced = craft("spaced.safetensors", "  {}", 0);
   expect_rejected(spaced, {spaced, "not a JSON object"});
+}
+
+// Readers disagree on which of two same-named entries wins, so the second must not quietly
+// replace the first (here it would turn an F32 tensor into an I32 one).
+TEST_F(SafetensorsTest, RejectsHeaderRepeatingATensorName) {
+  const std::string file = craft("repeated.safetensors",
+                                 R"({"x.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},)"
+                                 R"( "x.weight": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}})",
+                                 4);
+  expect_rejected(file, {file, "header: invalid JSON", "repeats a key"});
+}
+
+TEST_F(SafetensorsTest, RejectsHeaderNestedTooDeeply) {
+  const std::string deep = std::string(300, '[') + std::string(300, ']');
+  const std::string file = craft("deep.safetensors", R"({"__metadata__": {"k": )" + deep + "}}", 0);
+  expect_rejected(file, {file, "header: invalid JSON", "nesting deeper than 256 levels"});
 }
 
 TEST_F(SafetensorsTest, RejectsEntryThatIsNotAnObject) {
@@ -515,7 +531,7 @@ TEST_F(SafetensorsCheckpointTest, ShardedWithIndex) {
 TEST_F(SafetensorsCheckpointTest, RejectsInvalidIndexJson) {
   write_index(R"({"weight_map": {)");
   expect_error([&] { SafetensorsCheckpoint::open_directory(directory_); },
-               {path("model.safetensors.index.json"), "not valid JSON"});
+               {path("model.safetensors.index.json"), "invalid JSON"});
 }
 
 TEST_F(SafetensorsCheckpointTest, RejectsIndexWithoutWeightMap) {

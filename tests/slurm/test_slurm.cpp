@@ -15,7 +15,7 @@
 #include <sstream>
 #include <vector>
 
-#include "shard/json.h"
+#include "common/json.h"
 #include "support/test_support.h"
 
 namespace qlora {
@@ -66,8 +66,9 @@ std::vector<std::pair<int64_t, double>> step_losses(const std::string& run_dir) 
   std::ifstream metrics(run_dir + "/metrics.jsonl");
   std::string line;
   while (std::getline(metrics, line)) {
-    const auto entry = shard::Json::parse(line);
-    if (entry.contains("loss")) steps.emplace_back(entry.at("step").as_int(), entry.at("loss").as_double());
+    const std::string label = run_dir + "/metrics.jsonl";
+    const Json entry = parse_json(line, label);
+    if (entry.contains("loss")) steps.emplace_back(json_int(entry, "step", label), json_double(entry, "loss", label));
   }
   return steps;
 }
