@@ -1,5 +1,6 @@
-// Writes a trained adapter in PEFT's on-disk format: adapter_model.safetensors (PEFT's key names,
-// adapter name removed) and adapter_config.json, each written atomically.
+// Adapters in PEFT's on-disk format, both ways: adapter_model.safetensors (PEFT's key names, adapter
+// name removed) and adapter_config.json. qlora writes them (each file atomically) and reads back its
+// own or PEFT's.
 #pragma once
 
 #include <string>
@@ -8,6 +9,7 @@
 
 #include <torch/torch.h>
 
+#include "model/llama.h"
 #include "model/lora.h"
 
 namespace qlora::launcher {
@@ -15,5 +17,8 @@ namespace qlora::launcher {
 void write_peft_adapter(const std::string& directory, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                         const model::LoraConfig& config, const std::string& base_model);
 
+// Attaches the adapter saved in `directory` (from qlora or PEFT) to `model`. Throws UserError naming
+// the file on a mismatch.
+void load_peft_adapter(const std::string& directory, model::LlamaModelImpl& model);
 
 }  // namespace qlora::launcher

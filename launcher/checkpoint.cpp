@@ -6,10 +6,11 @@
 #include <filesystem>
 #include <vector>
 
+#include "common/json.h"
+#include "common/log.h"
 #include "launcher/adapter_io.h"
 #include "launcher/errors.h"
 #include "shard/hdf5_file.h"
-#include "shard/json.h"
 #include "shard/safetensors.h"
 
 namespace qlora::launcher {
@@ -62,9 +63,7 @@ void write_state(const std::string& path, const AdamW& optimizer, const Checkpoi
   write_int_attribute(root.get(), "sequence_length", info.sequence_length, path);
   // Batches and dropout masks are functions of (seed, step): the step is the data cursor and the RNG.
   write_int_attribute(root.get(), "data_cursor", info.step, path);
-  shard::Json::Array name_list;
-  for (const auto& name : names) name_list.emplace_back(name);
-  write_string_attribute(root.get(), "parameter_names", shard::Json(name_list).dump(), path);
+  write_string_attribute(root.get(), "parameter_names", dump_json(Json(names)), path);
   const auto& first = optimizer.first_moments();
   const auto& second = optimizer.second_moments();
   for (const char* group_name : {"first_moment", "second_moment"}) {
@@ -95,6 +94,10 @@ void save_checkpoint(const std::string& directory, model::LlamaModelImpl& model,
   fs::remove_all(directory, error);
   fs::rename(partial, directory, error);
   if (error) throw UserError("cannot rename " + partial + " to " + directory + ": " + error.message());
+}
+
+std::string checkpoint_directory(const std::string& out_dir, int64_t step) {
+  return out_dir + "/checkpoints/step-" + std::to_string(step);
 }
 
 std::string latest_checkpoint(const std::string& out_dir) {
@@ -133,7 +136,9 @@ CheckpointInfo load_checkpoint(const std::string& directory, cluster::Communicat
         throw UserError(state_path + " is not a qlora trainer state");
       if (read_int_attribute(root.get(), "format_version", state_path) > kStateVersion)
         throw UserError(state_path + " was written by a newer qlora", "upgrade qlora to resume this run");
-      const auto names = shard::Json::parse(read_string_attribute(root.get(), "parameter_names", state_path));
+      const auto names = parse_json(read_string_attribute(root.get(), "parameter_names", state_path),
+                                    state_path + " parameter_names");
+      if (!names.is_array()) throw UserError(state_path + ": parameter_names is not a list of names");
       if (names.size() != named.size())
         throw UserError("checkpoint " + directory + " holds " + std::to_string(names.size()) +
                             " adapter tensors, this run has " + std::to_string(named.size()),
@@ -141,7 +146,7 @@ CheckpointInfo load_checkpoint(const std::string& directory, cluster::Communicat
       for (size_t i = 0; i < named.size(); ++i) {
         const auto& [name, parameter] = named[i];
         const auto& entry = adapter->at(name);
-        if (names.at(i).as_string() != name || entry.shape != parameter.sizes().vec() ||
+        if (!names[i].is_string() || names[i].get<std::string>() != name || entry.shape != parameter.sizes().vec() ||
             entry.dtype != kernels::DType::f32)
           throw UserError("checkpoint " + directory + ": adapter tensor '" + name + "' does not match this run",
                           "resume with the LoRA targets, rank and model the checkpoint was trained with");
@@ -160,8 +165,6 @@ CheckpointInfo load_checkpoint(const std::string& directory, cluster::Communicat
       header[5] = read_int_attribute(root.get(), "sequence_length", state_path);
     } catch (const UserError& error) {
       failure = error.what();
-    } catch (const shard::JsonError& error) {
-      failure = directory + ": " + error.what();
     }
   }
   communicator.broadcast(header, sizeof header, 0);
@@ -182,6 +185,30 @@ CheckpointInfo load_checkpoint(const std::string& directory, cluster::Communicat
   info.global_batch = header[4];
   info.sequence_length = header[5];
   return info;
+}
+
+int64_t resume_training(const std::string& resume, const std::string& out_dir, const CheckpointInfo& run,
+                        cluster::Communicator& communicator, model::LlamaModelImpl& model, AdamW& optimizer) {
+  if (resume.empty()) return 0;
+  std::string from = resume;
+  if (from == "auto") {
+    // Rank 0 decides (it is the one that writes checkpoints) and tells the others.
+    from = communicator.rank() == 0 ? latest_checkpoint(out_dir) : "";
+    int64_t length = static_cast<int64_t>(from.size());
+    communicator.broadcast(&length, sizeof length, 0);
+    from.resize(static_cast<size_t>(length));
+    communicator.broadcast(from.data(), length, 0);
+  }
+  if (from.empty()) {
+    log::banner("--resume auto: no checkpoint under " + out_dir + "/checkpoints; starting fresh");
+    return 0;
+  }
+  const CheckpointInfo saved = load_checkpoint(from, communicator, model, optimizer);
+  if (saved.seed != run.seed || saved.global_batch != run.global_batch || saved.sequence_length != run.sequence_length)
+    log::banner("warning: resuming with a different seed, global batch or sequence length than " + from +
+                " was trained with; the data order will not continue where it stopped");
+  log::banner("resumed from " + from + " at step " + std::to_string(saved.step));
+  return saved.step;
 }
 
 }  // namespace qlora::launcher

@@ -20,6 +20,9 @@ struct CheckpointInfo {
   int64_t sequence_length = 0;
 };
 
+// out_dir/checkpoints/step-K: where a run keeps the checkpoint of step K.
+std::string checkpoint_directory(const std::string& out_dir, int64_t step);
+
 // Rank 0 only. Writes directory/ atomically (through directory.partial/).
 void save_checkpoint(const std::string& directory, model::LlamaModelImpl& model, const AdamW& optimizer,
                      const CheckpointInfo& info, const std::string& base_model);
@@ -34,5 +37,12 @@ void prune_checkpoints(const std::string& out_dir, int keep);
 // Throws UserError when the checkpoint does not fit this model and adapter configuration.
 CheckpointInfo load_checkpoint(const std::string& directory, cluster::Communicator& communicator,
                                model::LlamaModelImpl& model, AdamW& optimizer);
+
+// Collective. Where a run starts: 0 when `resume` is "" (or "auto" finds no checkpoint under
+// out_dir), else the step of the checkpoint it names ("auto": the newest complete one, chosen by
+// rank 0), whose adapters and optimizer state are then loaded. Says on rank 0 what it did, and warns
+// when `run` (this run's seed, global batch and sequence length) differs from the checkpoint's.
+int64_t resume_training(const std::string& resume, const std::string& out_dir, const CheckpointInfo& run,
+                        cluster::Communicator& communicator, model::LlamaModelImpl& model, AdamW& optimizer);
 
 }  // namespace qlora::launcher

@@ -15,18 +15,19 @@
 #include <sstream>
 
 #include "cluster/fault_watchdog.h"
-#include "common/format.h"
-#include "common/log.h"
 #include "cluster/memory.h"
+#include "common/format.h"
+#include "common/json.h"
+#include "common/log.h"
 #include "data/tokenizer.h"
 #include "launcher/errors.h"
 #include "launcher/evaluate.h"
+#include "launcher/job_options.h"
 #include "launcher/plan.h"
 #include "launcher/report.h"
 #include "launcher/threads.h"
 #include "launcher/train.h"
 #include "shard/converter.h"
-#include "shard/json.h"
 #include "shard/model_store.h"
 #include "shard/shard_plan.h"
 
@@ -55,18 +56,9 @@ po::variables_map parse(const std::vector<std::string>& arguments, const po::opt
   return values;
 }
 
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> items;
-  std::stringstream stream(text);
-  std::string item;
-  while (std::getline(stream, item, ','))
-    if (!item.empty()) items.push_back(item);
-  return items;
-}
-
 // Every option's final value (defaults included), for the run folder and the banner.
-shard::Json resolved_options(const po::variables_map& values) {
-  shard::Json resolved = shard::Json::Object{};
+Json resolved_options(const po::variables_map& values) {
+  Json resolved = Json::object();
   for (const auto& [name, value] : values) {
     const auto& held = value.value();
     if (held.type() == typeid(std::string)) resolved[name] = boost::any_cast<std::string>(held);
@@ -77,13 +69,6 @@ shard::Json resolved_options(const po::variables_map& values) {
     else if (held.type() == typeid(bool)) resolved[name] = boost::any_cast<bool>(held);
   }
   return resolved;
-}
-
-std::pair<std::string, std::string> split_assignment(const std::string& item, const std::string& option) {
-  const auto equals = item.find('=');
-  if (equals == std::string::npos || equals == 0 || equals + 1 == item.size())
-    throw UserError(option + ": '" + item + "' is not MODULE=VALUE", "e.g. " + option + " down_proj=16");
-  return {item.substr(0, equals), item.substr(equals + 1)};
 }
 
 void print_help(const std::string& synopsis, const po::options_description& options) {
@@ -277,33 +262,81 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
 
 // ---- plan ----------------------------------------------------------------------------------------
 
+namespace {
+
+// --accumulation-steps, plan's alternative to --global-batch for jobs sized as micro-batch x
+// accumulation: it sets the global batch when --global-batch is not given, and must agree with it
+// when it is (checked once the batch is split).
+void apply_accumulation_steps(const po::variables_map& values, int world, TrainOptions& job) {
+  if (!values.count("accumulation-steps")) return;
+  const int64_t accumulation = values["accumulation-steps"].as<int64_t>();
+  if (accumulation < 1) throw UserError("--accumulation-steps must be at least 1");
+  if (job.micro_batch < 1)
+    throw UserError("--accumulation-steps needs --micro-batch",
+                    "give --micro-batch M: the global batch is then world x M x accumulation steps");
+  if (values["global-batch"].defaulted()) job.global_batch = world * job.micro_batch * accumulation;
+}
+
+void check_accumulation_agrees(const po::variables_map& values, const TrainOptions& job, int world) {
+  if (!values.count("accumulation-steps")) return;
+  const int64_t accumulation = values["accumulation-steps"].as<int64_t>();
+  const int64_t derived = split_batch(job, world).micro_steps;
+  if (derived != accumulation)
+    throw UserError("--accumulation-steps " + std::to_string(accumulation) + " disagrees with --global-batch " +
+                        std::to_string(job.global_batch) + " / " + std::to_string(world) + " ranks / --micro-batch " +
+                        std::to_string(job.micro_batch) + " = " + std::to_string(derived) + " accumulation steps",
+                    "give --global-batch or --accumulation-steps, not both");
+}
+
+// The model's shape (and, from a store, its quantization) from a store, a config.json or a preset.
+shard::ModelConfig plan_model(const std::string& model, PlanJob& job) {
+  const auto extension = std::filesystem::path(model).extension();
+  if (is_plan_preset(model)) return plan_preset(model);
+  if (extension == ".json") {
+    shard::ModelConfig config = shard::read_config_file(model);
+    job.source_dtype = config.torch_dtype;
+    return config;
+  }
+  if (extension != ".h5" && !std::filesystem::exists(model)) return plan_preset(model);  // names the known presets
+  auto store = shard::ModelStore::open(model);
+  const auto& header = store->header();
+  job.quant = header.quant_method == "none" ? "none" : header.quant_method == "bnb-8bit" ? "int8" : header.quant_type;
+  job.blocksize = header.blocksize;
+  job.double_quant = header.double_quant;
+  job.keep_unquantized = split_list(header.unquantized_modules);
+  job.source_dtype = kernels::dtype_name(store->tensor("model.embed_tokens.weight").dtype);
+  return header.config;
+}
+
+}  // namespace
+
 int run_plan(const std::vector<std::string>& arguments, CommandContext& context) {
-  po::options_description model_options("Model");
+  po::options_description model_options(
+      "Model (plan also takes a Hugging Face config.json, or a preset: llama-2-7b, llama-2-70b, llama-3-8b, "
+      "llama-3-70b, llama-3.1-405b, mistral-7b)");
+  add_model_option(model_options);
   model_options.add_options()
-      ("model", po::value<std::string>(), "model.h5, a Hugging Face config.json, or a preset (llama-2-7b, llama-2-70b, "
-       "llama-3-8b, llama-3-70b, llama-3.1-405b, mistral-7b)")
       ("quant", po::value<std::string>(), "nf4 | fp4 | int8 | none (default: the store's, else nf4)")
       ("blocksize", po::value<int64_t>(), "quantization blocksize (default: the store's, else 64)")
       ("double-quant", po::value<bool>(), "double quantization of absmax, 1|0 (default: the store's, else 0)")
       ("keep-unquantized", po::value<std::string>(), "comma list of projections kept in 16 bits, e.g. down_proj "
        "(default: the store's)");
-  po::options_description job_options("Job");
+  po::options_description job_options("The job: qlora train's options, defaults and meanings");
+  add_batch_options(job_options);
   job_options.add_options()
+      ("accumulation-steps", po::value<int64_t>(),
+       "instead of --global-batch: micro-batches per step, the global batch being world x micro-batch x this "
+       "(needs --micro-batch; must agree with --global-batch if both are given)");
+  add_lora_options(job_options);
+  add_memory_options(job_options);
+  po::options_description device_options("Ranks and devices");
+  device_options.add_options()
       ("world", po::value<int>()->default_value(1), "ranks (GPUs) in the job")
       ("gpus-per-node", po::value<int>()->default_value(0), "ranks per node (0: one node)")
       ("device-memory", po::value<std::string>()->default_value("0"), "memory per rank to fit into, e.g. 80GiB (0: no check)")
       ("overhead", po::value<std::string>()->default_value("0"), "per-rank memory outside tensors, e.g. 1GiB for a CUDA context and NCCL buffers")
-      ("micro-batch", po::value<int64_t>()->default_value(1), "sequences per forward on each rank")
-      ("seq-len", po::value<int64_t>()->default_value(2048), "tokens per sequence")
-      ("accumulation-steps", po::value<int64_t>()->default_value(1), "micro-batches per optimizer step")
-      ("lora-r", po::value<int64_t>()->default_value(16), "adapter rank")
-      ("lora-targets", po::value<std::string>()->default_value("all-linear"), "comma list of projections or all-linear")
-      ("lora-dropout", po::value<double>()->default_value(0.0), "adapter dropout (adds a mask per adapted input)")
-      ("checkpointing", po::value<std::string>()->default_value("reentrant"), "reentrant | non-reentrant | off")
-      ("keep-embeddings-16bit", po::value<bool>()->default_value(false)->implicit_value(true), "do not upcast embeddings / LM head")
       ("optimizer", po::value<std::string>()->default_value("adamw"), "adamw | sgd")
       ("compute-dtype", po::value<std::string>()->default_value("fp32"), "activation dtype: fp32 (this CPU runtime) | bf16")
-      ("gather-slots", po::value<int>()->default_value(2), "gathered 4-bit blocks kept in memory")
       ("offload-weights", po::value<bool>()->default_value(false)->implicit_value(true),
        "keep the 4-bit shards in host memory (as FSDP CPU offload does); only gathered blocks use the device");
   po::options_description output_options("Output");
@@ -312,73 +345,49 @@ int run_plan(const std::vector<std::string>& arguments, CommandContext& context)
       ("fit", "search the largest micro-batch for each sequence length that fits --device-memory")
       ("json", "print JSON instead of the table");
   po::options_description all("qlora plan options");
-  all.add(model_options).add(job_options).add(output_options);
+  all.add(model_options).add(job_options).add(device_options).add(output_options);
   po::positional_options_description positional;
   positional.add("model", 1);
   const auto values = parse(arguments, all, "plan", &positional);
-  const char* synopsis = "usage: qlora plan --model (model.h5 | config.json | llama-3-70b) --world N --device-memory 80GiB [options]";
-  if (values.count("help") || !values.count("model")) {
-    print_help(synopsis, all);
-    if (!values.count("help")) throw UserError("no model given", synopsis);
+  if (values.count("help")) {
+    print_help("usage: qlora plan [--model (model.h5 | config.json | llama-3-70b)] --world N --device-memory 80GiB "
+               "[qlora train's job options] [options]",
+               all);
     return 0;
   }
+
+  // The job exactly as `qlora train` would take these options on `world` ranks.
+  TrainOptions train;
+  read_job_options(values, train);
+  const int world = values["world"].as<int>();
+  if (world < 1) throw UserError("--world must be at least 1");
+  apply_accumulation_steps(values, world, train);
+  validate_options(train, world);
+  check_accumulation_agrees(values, train, world);
+  const bool embedded_demo = !values.count("model");
+  if (embedded_demo) train.model_path = ensure_demo_model(context.communicator, context.layout, 1234);
   if (context.layout.rank != 0) return 0;
 
-  const std::string model = values["model"].as<std::string>();
-  PlanJob job;
-  shard::ModelConfig config;
-  const auto extension = std::filesystem::path(model).extension();
-  if (is_plan_preset(model)) {
-    config = plan_preset(model);
-  } else if (extension == ".json") {
-    config = shard::read_config_file(model);
-    job.source_dtype = config.torch_dtype;
-  } else if (extension == ".h5" || std::filesystem::exists(model)) {
-    auto store = shard::ModelStore::open(model);
-    const auto& header = store->header();
-    config = header.config;
-    job.quant = header.quant_method == "none" ? "none" : header.quant_method == "bnb-8bit" ? "int8" : header.quant_type;
-    job.blocksize = header.blocksize;
-    job.double_quant = header.double_quant;
-    job.keep_unquantized = split_list(header.unquantized_modules);
-    job.source_dtype = kernels::dtype_name(store->tensor("model.embed_tokens.weight").dtype);
-  } else {
-    config = plan_preset(model);  // names the known presets
-  }
+  PlanJob job = plan_job_for(train, world);
+  const shard::ModelConfig config = plan_model(train.model_path, job);
   if (values.count("quant")) job.quant = values["quant"].as<std::string>();
   if (values.count("blocksize")) job.blocksize = values["blocksize"].as<int64_t>();
   if (values.count("double-quant")) job.double_quant = values["double-quant"].as<bool>();
   if (values.count("keep-unquantized")) job.keep_unquantized = split_list(values["keep-unquantized"].as<std::string>());
-  job.world = values["world"].as<int>();
   job.gpus_per_node = values["gpus-per-node"].as<int>();
   job.device_memory = parse_byte_size(values["device-memory"].as<std::string>(), "--device-memory");
   job.overhead = parse_byte_size(values["overhead"].as<std::string>(), "--overhead");
-  job.micro_batch = values["micro-batch"].as<int64_t>();
-  job.sequence_length = values["seq-len"].as<int64_t>();
-  job.accumulation_steps = values["accumulation-steps"].as<int64_t>();
-  job.lora.r = values["lora-r"].as<int64_t>();
-  job.lora.dropout = values["lora-dropout"].as<double>();
-  const std::string targets = values["lora-targets"].as<std::string>();
-  job.lora.target_modules = targets == "all-linear" ? model::LoraConfig{}.target_modules : split_list(targets);
-  const std::string checkpointing = values["checkpointing"].as<std::string>();
-  if (checkpointing != "reentrant" && checkpointing != "non-reentrant" && checkpointing != "off")
-    throw UserError("--checkpointing '" + checkpointing + "' is not known", "use reentrant, non-reentrant or off");
-  job.checkpointing = checkpointing != "off";
-  job.embeddings_16bit = values["keep-embeddings-16bit"].as<bool>();
   job.optimizer = values["optimizer"].as<std::string>();
   job.compute_dtype = values["compute-dtype"].as<std::string>();
-  job.gather_slots = values["gather-slots"].as<int>();
   job.offload_weights = values["offload-weights"].as<bool>();
-  if (job.lora.r < 1) throw UserError("--lora-r must be at least 1");
-  if (job.accumulation_steps < 1) throw UserError("--accumulation-steps must be at least 1");
   if (values.count("fit") && job.device_memory <= 0)
     throw UserError("--fit needs --device-memory", "e.g. --device-memory 80GiB");
 
-  const Plan plan = make_plan(model, config, job);
+  const Plan plan = make_plan(train.model_path, config, job);
   std::vector<FitPoint> fit;
-  if (values.count("fit")) fit = fit_search(model, config, job);
+  if (values.count("fit")) fit = fit_search(train.model_path, config, job);
   if (values.count("json")) {
-    std::cout << plan_json(plan, values.count("fit") ? &fit : nullptr).dump(2) << std::endl;
+    std::cout << dump_json(plan_json(plan, values.count("fit") ? &fit : nullptr), 2) << std::endl;
   } else {
     std::cout << format_plan(plan);
     if (values.count("fit")) std::cout << "\n" << format_fit(fit, plan);
@@ -469,19 +478,17 @@ int run_eval(const std::vector<std::string>& arguments, CommandContext& context)
 int run_train(const std::vector<std::string>& arguments, CommandContext& context) {
   TrainOptions train;
   po::options_description data_options("Model and data");
+  add_model_option(data_options);
   data_options.add_options()
-      ("model", po::value<std::string>(), "4-bit model store (qlora convert); omitted: the embedded synthetic demo model")
       ("data", po::value<std::string>(), "text file, folder of .txt/.md files, or HDF5 token file; omitted: the embedded Austen excerpt")
       ("eval-data", po::value<std::string>(), "separate evaluation text (default: a held-out tail of --data)")
       ("eval-fraction", po::value<double>()->default_value(train.eval_fraction), "held-out share of --data for evaluation")
       ("out", po::value<std::string>()->default_value(train.out_dir), "run folder: metrics, memory report, adapter");
   po::options_description schedule_options("Schedule");
   schedule_options.add_options()
-      ("steps", po::value<int64_t>()->default_value(train.steps), "optimizer steps")
-      ("global-batch", po::value<int64_t>()->default_value(train.global_batch), "sequences per step over all ranks")
-      ("seq-len", po::value<int64_t>()->default_value(train.sequence_length), "tokens per sequence")
-      ("micro-batch", po::value<int64_t>()->default_value(0),
-       "sequences per rank per forward; gradients accumulate over global-batch / ranks / micro-batch (0: no accumulation)")
+      ("steps", po::value<int64_t>()->default_value(train.steps), "optimizer steps");
+  add_batch_options(schedule_options);
+  schedule_options.add_options()
       ("lr", po::value<double>()->default_value(train.learning_rate), "AdamW peak learning rate")
       ("lr-schedule", po::value<std::string>()->default_value(train.lr_schedule), "constant | cosine")
       ("warmup-steps", po::value<int64_t>()->default_value(0), "linear warmup steps")
@@ -496,22 +503,10 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
       ("max-bad-steps", po::value<int>()->default_value(train.max_bad_steps),
        "consecutive non-finite steps skipped before the run stops");
   po::options_description lora_options("LoRA");
-  lora_options.add_options()
-      ("lora-r", po::value<int64_t>()->default_value(train.lora.r), "adapter rank")
-      ("lora-alpha", po::value<double>()->default_value(train.lora.alpha), "scaling numerator (alpha / r)")
-      ("lora-dropout", po::value<double>()->default_value(train.lora.dropout), "dropout on the adapter input")
-      ("lora-targets", po::value<std::string>()->default_value("all-linear"),
-       "comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear")
-      ("lora-init", po::value<std::string>()->default_value("kaiming"), "kaiming | gaussian")
-      ("use-rslora", po::bool_switch(), "scale by alpha / sqrt(r)")
-      ("lora-rank-pattern", po::value<std::string>()->default_value(""),
-       "per-module ranks, e.g. down_proj=16,model.layers.0.self_attn.q_proj=4")
-      ("lora-alpha-pattern", po::value<std::string>()->default_value(""), "per-module alphas, same syntax");
+  add_lora_options(lora_options);
   po::options_description memory_options("Preparation, memory and parallelism");
+  add_memory_options(memory_options);
   memory_options.add_options()
-      ("checkpointing", po::value<std::string>()->default_value("reentrant"), "reentrant | non-reentrant | off")
-      ("keep-embeddings-16bit", po::bool_switch(), "do not upcast embeddings and LM head to fp32 (saves memory)")
-      ("gather-slots", po::value<int>()->default_value(train.gather_slots), "gathered 4-bit blocks kept in memory")
       ("prefetch", po::value<bool>()->default_value(true), "gather the next block while this one computes (1|0)")
       ("bucket-mb", po::value<double>()->default_value(train.bucket_mb), "gradient all-reduce fusion bucket size")
       ("overlap-reduce", po::value<bool>()->default_value(true), "reduce buckets during backward (1|0)")
@@ -535,7 +530,6 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   train.data_path = values.count("data") ? values["data"].as<std::string>() : "";
   train.eval_data_path = values.count("eval-data") ? values["eval-data"].as<std::string>() : "";
   train.eval_fraction = values["eval-fraction"].as<double>();
-  train.micro_batch = values["micro-batch"].as<int64_t>();
   train.lr_schedule = values["lr-schedule"].as<std::string>();
   train.warmup_steps = values["warmup-steps"].as<int64_t>();
   train.eval_every = values["eval-every"].as<int64_t>();
@@ -548,43 +542,13 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   if (!train.resume.empty() && train.resume != "auto" && !std::filesystem::is_directory(train.resume))
     throw UserError("--resume " + train.resume + ": no such checkpoint folder",
                     "use --resume auto or a runs/NAME/checkpoints/step-K folder");
+  read_job_options(values, train);
   train.out_dir = values["out"].as<std::string>();
   train.steps = values["steps"].as<int64_t>();
-  train.global_batch = values["global-batch"].as<int64_t>();
-  train.sequence_length = values["seq-len"].as<int64_t>();
   train.learning_rate = values["lr"].as<double>();
   train.weight_decay = values["weight-decay"].as<double>();
   train.max_grad_norm = values["max-grad-norm"].as<double>();
   train.seed = values["seed"].as<uint64_t>();
-  train.lora.r = values["lora-r"].as<int64_t>();
-  train.lora.alpha = values["lora-alpha"].as<double>();
-  train.lora.dropout = values["lora-dropout"].as<double>();
-  train.lora.target_modules = split_list(values["lora-targets"].as<std::string>());
-  train.lora.init = values["lora-init"].as<std::string>();
-  train.lora.use_rslora = values["use-rslora"].as<bool>();
-  for (const auto& item : split_list(values["lora-rank-pattern"].as<std::string>())) {
-    const auto [key, value] = split_assignment(item, "--lora-rank-pattern");
-    try {
-      train.lora.rank_pattern[key] = std::stoll(value);
-    } catch (const std::exception&) {
-      throw UserError("--lora-rank-pattern: '" + value + "' is not an integer rank", "e.g. down_proj=16");
-    }
-  }
-  for (const auto& item : split_list(values["lora-alpha-pattern"].as<std::string>())) {
-    const auto [key, value] = split_assignment(item, "--lora-alpha-pattern");
-    try {
-      train.lora.alpha_pattern[key] = std::stod(value);
-    } catch (const std::exception&) {
-      throw UserError("--lora-alpha-pattern: '" + value + "' is not a number", "e.g. down_proj=32");
-    }
-  }
-  const std::string checkpointing = values["checkpointing"].as<std::string>();
-  if (checkpointing != "reentrant" && checkpointing != "non-reentrant" && checkpointing != "off")
-    throw UserError("--checkpointing must be reentrant, non-reentrant or off");
-  train.prepare.use_gradient_checkpointing = checkpointing != "off";
-  train.prepare.use_reentrant = checkpointing == "reentrant";
-  train.prepare.keep_embeddings_16bit = values["keep-embeddings-16bit"].as<bool>();
-  train.gather_slots = values["gather-slots"].as<int>();
   train.prefetch = values["prefetch"].as<bool>();
   train.bucket_mb = values["bucket-mb"].as<double>();
   train.overlap_reduce = values["overlap-reduce"].as<bool>();
@@ -601,15 +565,10 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
     throw UserError("--collective-timeout must be 0 (no bound) or a positive number of seconds",
                     "e.g. --collective-timeout 600");
   context.communicator.set_collective_timeout(collective_timeout);
-  if (train.lora.target_modules.empty()) throw UserError("--lora-targets is empty", "e.g. --lora-targets all-linear");
   validate_options(train, context.layout.world);
 
   const bool embedded_demo = !values.count("model");
-  if (!embedded_demo) {
-    train.model_path = values["model"].as<std::string>();
-  } else {
-    train.model_path = ensure_demo_model(context.communicator, context.layout, 1234);
-  }
+  if (embedded_demo) train.model_path = ensure_demo_model(context.communicator, context.layout, 1234);
   if (std::filesystem::exists(train.out_dir) && !std::filesystem::is_directory(train.out_dir))
     throw UserError("--out " + train.out_dir + " exists and is not a folder");
 
@@ -623,9 +582,10 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   banner << "  model " << (embedded_demo ? "embedded synthetic tiny (" + train.model_path + ")" : train.model_path)
          << "\n  data  " << (train.data_path.empty() ? "embedded Austen excerpt (Pride and Prejudice, ch. 1-6)" : train.data_path)
          << "\n  steps " << train.steps << ", global batch " << train.global_batch << " x " << train.sequence_length
-         << " tokens, lr " << train.learning_rate << ", checkpointing " << checkpointing << ", out " << train.out_dir;
+         << " tokens, lr " << train.learning_rate << ", checkpointing " << checkpointing_name(train.prepare) << ", out "
+         << train.out_dir;
   train.banner = banner.str();
-  train.resolved_config = resolved_options(values).dump(2) + "\n";
+  train.resolved_config = dump_json(resolved_options(values), 2) + "\n";
   // SLURM's --signal (and a user's kill) ask for a checkpoint before the job ends.
   std::signal(SIGTERM, request_stop);
   std::signal(SIGUSR1, request_stop);

@@ -1,18 +1,13 @@
-// Evaluation and PEFT adapter loading.
+// Evaluation of a model (with an adapter, if given) over a text.
 #include "launcher/evaluate.h"
 
 #include <cmath>
-#include <cstring>
-#include <fstream>
-#include <sstream>
 
+#include "launcher/adapter_io.h"
 #include "launcher/data_loading.h"
-#include "launcher/demo.h"
 #include "launcher/errors.h"
 #include "launcher/train.h"
 #include "prepare/prepare.h"
-#include "shard/json.h"
-#include "shard/safetensors.h"
 
 namespace qlora::launcher {
 
@@ -38,56 +33,6 @@ double mean_token_loss(model::LlamaModelImpl& model, const data::BatchSampler& w
   float totals[2] = {static_cast<float>(loss_sum), static_cast<float>(token_count)};
   communicator.all_reduce(totals, 2, cluster::ReduceOp::sum);
   return static_cast<double>(totals[0]) / static_cast<double>(totals[1]);
-}
-
-void load_peft_adapter(const std::string& directory, model::LlamaModelImpl& model) {
-  const std::string config_path = directory + "/adapter_config.json";
-  std::ifstream config_file(config_path);
-  if (!config_file) throw UserError("cannot read " + config_path, "point --adapter at a folder saved by qlora or PEFT");
-  std::stringstream text;
-  text << config_file.rdbuf();
-  model::LoraConfig lora;
-  try {
-    const auto config = shard::Json::parse(text.str());
-    if (config.get_string("peft_type", "") != "LORA")
-      throw UserError(config_path + ": peft_type is not LORA", "only LoRA adapters are supported");
-    lora.r = config.at("r").as_int();
-    lora.alpha = config.get_double("lora_alpha", 8.0);
-    lora.dropout = config.get_double("lora_dropout", 0.0);
-    lora.use_rslora = config.get_bool("use_rslora", false);
-    if (config.get_bool("use_dora", false)) throw UserError(config_path + ": DoRA adapters are not supported");
-    lora.target_modules.clear();
-    const auto& targets = config.at("target_modules");
-    if (targets.is_string()) {
-      lora.target_modules.push_back(targets.as_string());
-    } else {
-      for (const auto& target : targets.as_array()) lora.target_modules.push_back(target.as_string());
-    }
-    if (config.contains("rank_pattern") && config.at("rank_pattern").is_object())
-      for (const auto& [key, value] : config.at("rank_pattern").as_object()) lora.rank_pattern[key] = value.as_int();
-    if (config.contains("alpha_pattern") && config.at("alpha_pattern").is_object())
-      for (const auto& [key, value] : config.at("alpha_pattern").as_object()) lora.alpha_pattern[key] = value.as_double();
-  } catch (const shard::JsonError& error) {
-    throw UserError(config_path + ": " + error.what());
-  }
-  try {
-    model.add_lora(lora, 0);
-  } catch (const std::invalid_argument& error) {
-    throw UserError(config_path + ": " + error.what());
-  }
-  const std::string weights_path = directory + "/adapter_model.safetensors";
-  auto weights = shard::SafetensorsFile::open(weights_path);
-  torch::NoGradGuard no_grad;
-  for (auto& [name, parameter] : model.named_lora_parameters()) {
-    const auto* entry = weights->find(name);
-    if (entry == nullptr) throw UserError(weights_path + ": missing tensor '" + name + "'");
-    if (entry->shape != parameter.sizes().vec() || !entry->dtype_known ||
-        (entry->dtype != kernels::DType::f32 && entry->dtype != kernels::DType::f16 && entry->dtype != kernels::DType::bf16))
-      throw UserError(weights_path + ": tensor '" + name + "' has the wrong shape or dtype for this model");
-    std::vector<float> values(static_cast<size_t>(parameter.numel()));
-    kernels::convert_to_float(entry->dtype, weights->data(*entry), parameter.numel(), values.data());
-    std::memcpy(parameter.data_ptr<float>(), values.data(), values.size() * sizeof(float));
-  }
 }
 
 EvalResult run_evaluation(const EvalOptions& options, cluster::Communicator& communicator) {

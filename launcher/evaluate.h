@@ -17,10 +17,6 @@ namespace qlora::launcher {
 double mean_token_loss(model::LlamaModelImpl& model, const data::BatchSampler& windows, int64_t window_count,
                        int64_t rows_per_forward, cluster::Communicator& communicator);
 
-// Attaches the adapter saved in `directory` (adapter_config.json + adapter_model.safetensors in
-// PEFT's format, from qlora or PEFT) to `model`. Throws UserError naming the file on a mismatch.
-void load_peft_adapter(const std::string& directory, model::LlamaModelImpl& model);
-
 struct EvalOptions {
   std::string model_path;
   std::string adapter_dir;        // empty: the base model alone

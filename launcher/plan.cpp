@@ -192,6 +192,20 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, co
 
 }  // namespace
 
+PlanJob plan_job_for(const TrainOptions& options, int world) {
+  const BatchSplit split = split_batch(options, world);
+  PlanJob job;
+  job.world = world;
+  job.micro_batch = split.micro_batch;
+  job.accumulation_steps = split.micro_steps;
+  job.sequence_length = options.sequence_length;
+  job.lora = options.lora;
+  job.checkpointing = options.prepare.use_gradient_checkpointing;
+  job.embeddings_16bit = options.prepare.keep_embeddings_16bit;
+  job.gather_slots = options.gather_slots;
+  return job;
+}
+
 bool is_plan_preset(const std::string& name) { return presets().count(name) != 0; }
 
 shard::ModelConfig plan_preset(const std::string& name) {
@@ -504,30 +518,36 @@ std::string format_fit(const std::vector<FitPoint>& points, const Plan& plan) {
   return out.str();
 }
 
-shard::Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
-  shard::Json json;
+Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
+  Json json;
   json["model"] = plan.model_name;
   json["config"] = plan.config.to_json();
-  shard::Json job;
-  job["world"] = plan.job.world;
-  job["nodes"] = plan.nodes;
-  job["gpus_per_node"] = plan.job.gpus_per_node;
-  job["micro_batch"] = plan.job.micro_batch;
-  job["sequence_length"] = plan.job.sequence_length;
-  job["accumulation_steps"] = plan.job.accumulation_steps;
-  job["lora_r"] = plan.job.lora.r;
-  job["quant"] = plan.job.quant;
-  job["blocksize"] = plan.job.blocksize;
-  job["double_quant"] = plan.job.double_quant;
-  job["checkpointing"] = plan.job.checkpointing;
-  job["embeddings_16bit"] = plan.job.embeddings_16bit;
-  job["optimizer"] = plan.job.optimizer;
-  job["compute_dtype"] = plan.job.compute_dtype;
-  job["offload_weights"] = plan.job.offload_weights;
-  json["job"] = job;
-  shard::Json::Array ranks;
+  const PlanJob& job = plan.job;
+  Json job_json;
+  job_json["world"] = job.world;
+  job_json["nodes"] = plan.nodes;
+  job_json["gpus_per_node"] = job.gpus_per_node;
+  job_json["global_batch"] = job.world * job.micro_batch * job.accumulation_steps;
+  job_json["micro_batch"] = job.micro_batch;
+  job_json["sequence_length"] = job.sequence_length;
+  job_json["accumulation_steps"] = job.accumulation_steps;
+  job_json["lora_r"] = job.lora.r;
+  job_json["lora_rank_pattern"] = job.lora.rank_pattern;
+  job_json["lora_dropout"] = job.lora.dropout;
+  job_json["lora_targets"] = job.lora.resolved_targets();
+  job_json["quant"] = job.quant;
+  job_json["blocksize"] = job.blocksize;
+  job_json["double_quant"] = job.double_quant;
+  job_json["checkpointing"] = job.checkpointing;
+  job_json["embeddings_16bit"] = job.embeddings_16bit;
+  job_json["gather_slots"] = job.gather_slots;
+  job_json["optimizer"] = job.optimizer;
+  job_json["compute_dtype"] = job.compute_dtype;
+  job_json["offload_weights"] = job.offload_weights;
+  json["job"] = job_json;
+  Json ranks = Json::array();
   for (const auto& row : plan.ranks) {
-    shard::Json entry;
+    Json entry;
     entry["rank"] = row.rank;
     entry["quantized_weights"] = row.quantized_weights;
     entry["replicated_parameters"] = row.replicated_parameters;
@@ -546,7 +566,7 @@ shard::Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
     entry["offloaded"] = row.offloaded;
     ranks.push_back(entry);
   }
-  json["per_rank"] = shard::Json(ranks);
+  json["per_rank"] = ranks;
   json["parameters"] = plan.parameters;
   json["quantized_store_bytes"] = plan.quantized_store_bytes;
   json["gather_bytes_per_step"] = plan.gather_bytes_per_step;
@@ -555,20 +575,20 @@ shard::Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
   json["communication_bytes_per_step"] =
       plan.gather_bytes_per_step + plan.reduce_bytes_per_step + plan.vocab_parallel_bytes_per_step;
   json["peak_bytes"] = plan.peak_bytes;
-  json["overhead_bytes"] = plan.job.overhead;
+  json["overhead_bytes"] = job.overhead;
   json["required_bytes"] = plan.required_bytes;
-  json["device_memory_bytes"] = plan.job.device_memory;
+  json["device_memory_bytes"] = job.device_memory;
   json["fits"] = plan.fits;
   if (fit != nullptr) {
-    shard::Json::Array points;
+    Json points = Json::array();
     for (const auto& point : *fit) {
-      shard::Json entry;
+      Json entry;
       entry["sequence_length"] = point.sequence_length;
       entry["micro_batch"] = point.micro_batch;
       entry["peak_bytes"] = point.peak_bytes;
       points.push_back(entry);
     }
-    json["fit"] = shard::Json(points);
+    json["fit"] = points;
   }
   return json;
 }

@@ -9,8 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "common/json.h"
+#include "launcher/train.h"
 #include "model/lora.h"
-#include "shard/json.h"
 #include "shard/model_config.h"
 
 namespace qlora::launcher {
@@ -33,9 +34,14 @@ struct PlanJob {
   std::string optimizer = "adamw";  // adamw (two fp32 moments) | sgd (no state)
   std::string compute_dtype = "fp32";  // activations: fp32 (this CPU runtime) or bf16
   int gather_slots = 2;
-  bool offload_weights = false;
-  std::vector<std::string> keep_unquantized;  // projection suffixes kept in 16 bits (e.g. down_proj)     // 4-bit shards live in host memory; only gathered blocks on the device
+  bool offload_weights = false;    // 4-bit shards live in host memory; only gathered blocks on the device
+  std::vector<std::string> keep_unquantized;  // projection suffixes kept in 16 bits (e.g. down_proj)
 };
+
+// The job `qlora train` runs with `options` on `world` ranks: the same micro-batch and gradient
+// accumulation (split_batch), sequence length, adapters, checkpointing, embeddings and gather slots;
+// the model's format and the devices stay at PlanJob's defaults. Throws what split_batch throws.
+PlanJob plan_job_for(const TrainOptions& options, int world);
 
 // Bytes of one rank, by kind. `peak` is the largest simultaneous total over a training step.
 struct RankPlan {
@@ -91,7 +97,7 @@ std::vector<FitPoint> fit_search(const std::string& model_name, const shard::Mod
 
 std::string format_plan(const Plan& plan);
 std::string format_fit(const std::vector<FitPoint>& points, const Plan& plan);
-shard::Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit = nullptr);
+Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit = nullptr);
 
 // "80GiB", "24GB", "512MiB", "1.5GiB" or a byte count; throws UserError naming `option`.
 int64_t parse_byte_size(const std::string& text, const std::string& option);

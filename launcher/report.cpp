@@ -42,37 +42,21 @@ std::string read_whole_file(const std::string& path) {
   return text.str();
 }
 
-shard::Json parse_json_file(const std::string& path, const std::string& hint) {
+Json parse_json_file(const std::string& path, const std::string& hint) {
   try {
-    return shard::Json::parse(read_whole_file(path));
-  } catch (const shard::JsonError& error) {
-    throw UserError(path + ": " + error.what(), hint);
+    return parse_json(read_whole_file(path), path);
+  } catch (const FormatError& error) {
+    throw UserError(error.what(), hint);
   }
 }
 
 // ---- metrics.jsonl -------------------------------------------------------------------------------
 
-struct MetricsLine {
-  const std::string& path;
-  int64_t number;
-  const shard::Json& value;
-
-  [[noreturn]] void fail(const std::string& what) const {
-    throw UserError(path + " line " + std::to_string(number) + ": " + what,
-                    "the file is damaged; repair or delete that line and run qlora report again");
-  }
-  double number_or_missing(const std::string& key) const {
-    if (!value.contains(key)) return kMissing;
-    const auto& field = value.at(key);
-    if (!field.is_number()) fail("\"" + key + "\" is not a number");
-    return field.as_double();
-  }
-};
-
 void read_metrics(const std::string& path, RunRecord& run) {
+  const std::string hint = "the file is damaged; repair or delete that line and run qlora report again";
   const std::string text = read_whole_file(path);
-  std::map<int64_t, TrainingStep> steps;
-  std::map<int64_t, EvaluationPoint> evaluations;
+  std::map<int64_t, MetricsLine> steps;
+  std::map<int64_t, MetricsLine> evaluations;
   int64_t ignored = 0;
   size_t begin = 0;
   for (int64_t number = 1; begin < text.size(); ++number) {
@@ -82,53 +66,29 @@ void read_metrics(const std::string& path, RunRecord& run) {
     const std::string line = text.substr(begin, end - begin);
     begin = end + 1;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    shard::Json value;
+    const std::string label = path + " line " + std::to_string(number);
+    Json value;
     try {
-      value = shard::Json::parse(line);
-    } catch (const shard::JsonError& error) {
-      if (!complete) {
-        // The writer flushes whole lines; a last line without its newline was cut off by a kill.
-        run.warnings.push_back(path + " line " + std::to_string(number) +
-                               " is cut short (the run was killed while writing it) and was skipped");
-        continue;
-      }
-      MetricsLine{path, number, value}.fail(error.what());
+      value = parse_json(line, label);
+    } catch (const FormatError& error) {
+      // The writer flushes whole lines; a last line without its newline was cut off by a kill.
+      if (complete) throw UserError(error.what(), hint);
+      run.warnings.push_back(label + " is cut short (the run was killed while writing it) and was skipped");
+      continue;
     }
-    const MetricsLine entry{path, number, value};
-    if (!value.is_object()) entry.fail("not a JSON object");
-    if (!value.contains("step") || !value.at("step").is_number()) entry.fail("no numeric \"step\"");
-    int64_t step = 0;
+    std::optional<MetricsLine> entry;
     try {
-      step = value.at("step").as_int();
-    } catch (const shard::JsonError&) {
-      entry.fail("\"step\" is not an integer");
+      entry = read_metrics_line(value, label);
+    } catch (const FormatError& error) {
+      throw UserError(error.what(), hint);
     }
-    if (step < 0) entry.fail("\"step\" is negative");
-    if (value.contains("eval_loss")) {
-      EvaluationPoint point;
-      point.step = step;
-      point.loss = entry.number_or_missing("eval_loss");
-      point.perplexity = value.contains("eval_perplexity") ? entry.number_or_missing("eval_perplexity")
-                                                           : std::exp(point.loss);
-      if (evaluations.count(step)) ++run.replaced_lines;
-      evaluations[step] = point;
-    } else if (value.contains("loss")) {
-      TrainingStep point;
-      point.step = step;
-      point.loss = entry.number_or_missing("loss");
-      point.learning_rate = entry.number_or_missing("lr");
-      point.gradient_norm = entry.number_or_missing("grad_norm");
-      point.tokens_per_second = entry.number_or_missing("tokens_per_second");
-      point.step_seconds = entry.number_or_missing("step_seconds");
-      point.gather_wait_seconds = entry.number_or_missing("gather_wait_seconds");
-      point.reduce_wait_seconds = entry.number_or_missing("reduce_wait_seconds");
-      const double peak = entry.number_or_missing("peak_bytes_rank0");
-      point.peak_bytes_rank0 = std::isfinite(peak) ? static_cast<int64_t>(peak) : -1;
-      if (steps.count(step)) ++run.replaced_lines;
-      steps[step] = point;
-    } else {
+    if (!entry) {
       ++ignored;  // a kind of line this reader does not know: leave it to newer readers
+      continue;
     }
+    auto& kept = entry->kind == MetricsLine::Kind::training ? steps : evaluations;
+    if (kept.count(entry->step)) ++run.replaced_lines;
+    kept[entry->step] = *entry;
   }
   for (const auto& [step, point] : steps) run.steps.push_back(point);
   for (const auto& [step, point] : evaluations) run.evaluations.push_back(point);
@@ -146,24 +106,26 @@ void read_metrics(const std::string& path, RunRecord& run) {
 
 void read_memory(const std::string& path, RunRecord& run) {
   const std::string hint = "the file is damaged; qlora train writes it again at the end of a run";
-  const shard::Json root = parse_json_file(path, hint);
+  const Json root = parse_json_file(path, hint);
   try {
-    for (const auto& entry : root.at("ranks").as_array()) {
+    const auto ranks = root.is_object() ? root.find("ranks") : root.end();
+    if (ranks == root.end() || !ranks->is_array()) throw FormatError(path + ": no \"ranks\" array");
+    for (const auto& entry : *ranks) {
       cluster::MemoryReport report;
-      report.rank = static_cast<int>(entry.at("rank").as_int());
-      report.quantized_weights = entry.get_int("quantized_weights_bytes", 0);
-      report.replicated_parameters = entry.get_int("replicated_parameters_bytes", 0);
-      report.adapters = entry.get_int("adapters_bytes", 0);
-      report.gradients = entry.get_int("gradients_bytes", 0);
-      report.optimizer_state = entry.get_int("optimizer_state_bytes", 0);
-      report.gather_buffers = entry.get_int("gather_buffers_bytes", 0);
-      report.forward_activation_peak = entry.get_int("forward_activation_peak_bytes", 0);
-      report.backward_activation_peak = entry.get_int("backward_activation_peak_bytes", 0);
-      report.peak_total = entry.get_int("peak_total_bytes", 0);
+      report.rank = static_cast<int>(json_int(entry, "rank", path));
+      report.quantized_weights = json_int_or(entry, "quantized_weights_bytes", 0, path);
+      report.replicated_parameters = json_int_or(entry, "replicated_parameters_bytes", 0, path);
+      report.adapters = json_int_or(entry, "adapters_bytes", 0, path);
+      report.gradients = json_int_or(entry, "gradients_bytes", 0, path);
+      report.optimizer_state = json_int_or(entry, "optimizer_state_bytes", 0, path);
+      report.gather_buffers = json_int_or(entry, "gather_buffers_bytes", 0, path);
+      report.forward_activation_peak = json_int_or(entry, "forward_activation_peak_bytes", 0, path);
+      report.backward_activation_peak = json_int_or(entry, "backward_activation_peak_bytes", 0, path);
+      report.peak_total = json_int_or(entry, "peak_total_bytes", 0, path);
       run.memory.push_back(report);
     }
-  } catch (const shard::JsonError& error) {
-    throw UserError(path + ": " + error.what(), hint);
+  } catch (const FormatError& error) {
+    throw UserError(error.what(), hint);
   }
   std::sort(run.memory.begin(), run.memory.end(),
             [](const auto& a, const auto& b) { return a.rank < b.rank; });
@@ -181,11 +143,11 @@ std::string escape_cell(std::string text) {
   return out;
 }
 
-std::string config_text(const shard::Json& config, const std::string& key) {
+std::string config_text(const Json& config, const std::string& key) {
   if (!config.contains(key)) return "";
   const auto& value = config.at(key);
-  if (value.is_string()) return value.as_string();
-  return value.dump();
+  if (value.is_string()) return value.get<std::string>();
+  return dump_json(value);
 }
 
 std::string loss_cell(double value) { return std::isfinite(value) ? format("%.4f", value) : "n/a"; }
@@ -243,7 +205,7 @@ struct Throughput {
   bool known = false;
 };
 
-Throughput measure_throughput(const std::vector<TrainingStep>& steps) {
+Throughput measure_throughput(const std::vector<MetricsLine>& steps) {
   Throughput result;
   const size_t from = steps.size() > 1 ? 1 : 0;
   std::vector<double> rates;
@@ -349,8 +311,8 @@ std::string report_markdown(const RunRecord& run, const ReportImages& images) {
   row("steps", std::to_string(steps.back().step) + (configured_steps.empty() ? "" : " of " + configured_steps) +
                    (run.resumed ? " (resumed from a checkpoint)" : ""));
   if (config.contains("global-batch") && config.contains("seq-len")) {
-    const int64_t batch = config.at("global-batch").as_int();
-    const int64_t length = config.at("seq-len").as_int();
+    const int64_t batch = json_int(config, "global-batch", run.config_file);
+    const int64_t length = json_int(config, "seq-len", run.config_file);
     row("global batch", format("%lld sequences x %lld tokens = %lld tokens per step", static_cast<long long>(batch),
                                static_cast<long long>(length), static_cast<long long>(batch * length)));
   }
@@ -479,8 +441,8 @@ std::string report_markdown(const RunRecord& run, const ReportImages& images) {
   if (config.is_object()) {
     md << "\n## Configuration\n\n<details><summary>all options, as resolved by qlora train ("
        << fs::path(run.config_file).filename().string() << ")</summary>\n\n| option | value |\n|---|---|\n";
-    for (const auto& [key, value] : config.as_object())
-      md << "| " << escape_cell(key) << " | " << escape_cell(value.is_string() ? value.as_string() : value.dump())
+    for (const auto& [key, value] : config.items())
+      md << "| " << escape_cell(key) << " | " << escape_cell(value.is_string() ? value.get<std::string>() : dump_json(value))
          << " |\n";
     md << "\n</details>\n";
   }
@@ -540,7 +502,7 @@ ReportImages write_report(const RunRecord& run, const std::string& out_dir) {
   png::write_file(out_dir + "/" + images.loss, plot::render(loss, kWidth, 540).image());
 
   auto draw_step_chart = [&](const std::string& file, const std::string& title, const std::string& y_label,
-                             const std::string& name, plot::Color color, double TrainingStep::*field) -> std::string {
+                             const std::string& name, plot::Color color, double MetricsLine::*field) -> std::string {
     plot::LineChart chart;
     chart.title = title;
     chart.x_label = "step";
@@ -558,9 +520,9 @@ ReportImages write_report(const RunRecord& run, const std::string& out_dir) {
     return file;
   };
   images.throughput = draw_step_chart("throughput.png", "Throughput", "tokens/s (all ranks)", "tokens/s", palette[0],
-                                      &TrainingStep::tokens_per_second);
+                                      &MetricsLine::tokens_per_second);
   images.learning_rate = draw_step_chart("lr.png", "Learning rate", "learning rate", "learning rate", palette[4],
-                                         &TrainingStep::learning_rate);
+                                         &MetricsLine::learning_rate);
 
   if (!run.memory.empty()) {
     const ByteUnit unit = unit_for(largest_memory_figure(run.memory));

@@ -8,35 +8,17 @@
 #include <vector>
 
 #include "cluster/memory.h"
-#include "shard/json.h"
+#include "common/json.h"
+#include "launcher/metrics.h"
 
 namespace qlora::launcher {
 
-// One training line of metrics.jsonl. Fields an older or newer writer left out are NaN (or -1).
-struct TrainingStep {
-  int64_t step = 0;
-  double loss = 0;
-  double learning_rate = 0;
-  double gradient_norm = 0;
-  double tokens_per_second = 0;
-  double step_seconds = 0;
-  double gather_wait_seconds = 0;
-  double reduce_wait_seconds = 0;   // NaN in runs written before the field existed
-  int64_t peak_bytes_rank0 = -1;
-};
-
-struct EvaluationPoint {
-  int64_t step = 0;
-  double loss = 0;
-  double perplexity = 0;
-};
-
 struct RunRecord {
   std::string directory;
-  std::vector<TrainingStep> steps;           // ascending; after a resume the newest line of a step wins
-  std::vector<EvaluationPoint> evaluations;  // ascending, same rule
+  std::vector<MetricsLine> steps;            // training lines, ascending; after a resume the newest line of a step wins
+  std::vector<MetricsLine> evaluations;      // evaluation lines, ascending, same rule
   std::vector<cluster::MemoryReport> memory; // empty when memory.json is absent (a stopped run)
-  shard::Json config;                        // config.json (or config-resumed.json); null if absent
+  Json config;                               // config.json (or config-resumed.json); null if absent
   std::string config_file;                   // which of the two, "" if neither
   bool resumed = false;                      // config-resumed.json exists
   std::vector<std::string> checkpoints;      // checkpoints/step-K names, ascending by K

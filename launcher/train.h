@@ -78,6 +78,18 @@ void check_world_fits(const shard::ModelStore& store, int world);
 // path is checked when the run opens it.
 void validate_options(const TrainOptions& options, int world);
 
+// How a step's global batch is cut: each rank's share, the sequences of one forward, and the
+// forwards whose gradients accumulate into one optimizer step.
+struct BatchSplit {
+  int64_t rows_per_rank = 0;
+  int64_t micro_batch = 0;
+  int64_t micro_steps = 0;   // gradient accumulation steps
+};
+
+// Throws UserError when --global-batch does not divide over `world` ranks or --micro-batch does not
+// divide a rank's share.
+BatchSplit split_batch(const TrainOptions& options, int world);
+
 // Runs the whole job on `communicator`. `inspect`, if given, sees the trained model before it is
 // destroyed (tests use it to check adapters and frozen weights).
 TrainResult run_training(const TrainOptions& options, cluster::Communicator& communicator,

@@ -5,7 +5,6 @@
 #include <cstdlib>
 #include <filesystem>
 
-#include "shard/json.h"
 #include "shard/safetensors.h"
 #include "support/test_support.h"
 

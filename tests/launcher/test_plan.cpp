@@ -3,13 +3,14 @@
 // of real training runs at world sizes 1, 2 and 4 and two sequence lengths.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <sstream>
 
 #include "launcher/errors.h"
 #include "launcher/plan.h"
-#include "shard/json.h"
+#include "common/json.h"
 #include "tests/support/test_support.h"
 
 namespace qlora {
@@ -124,11 +125,11 @@ TEST(Plan, ByteSizes) {
   EXPECT_THROW(launcher::parse_byte_size("80 parsecs", "--device-memory"), UserError);
 }
 
-shard::Json read_json(const std::string& path) {
+Json read_json(const std::string& path) {
   std::ifstream file(path);
   std::stringstream text;
   text << file.rdbuf();
-  return shard::Json::parse(text.str());
+  return parse_json(text.str(), path);
 }
 
 // A model where weights, embeddings and activations all matter: GQA, untied head, 6 layers.
@@ -179,17 +180,17 @@ TEST_P(PlanAgainstMeasurement, PeakPerRankWithinTenPercent) {
   for (int rank = 0; rank < world; ++rank) {
     const auto& actual = measured.at(static_cast<size_t>(rank));
     const auto& planned = plan.ranks[static_cast<size_t>(rank)];
-    const double peak = static_cast<double>(actual.at("peak_total_bytes").as_int());
+    const double peak = static_cast<double>(json_int(actual, "peak_total_bytes", "memory.json"));
     EXPECT_NEAR(static_cast<double>(planned.peak), peak, 0.10 * peak)
         << "rank " << rank << " of " << world << ", seq-len " << sequence_length;
     // Stored state is arithmetic, not estimation: tight bounds.
     EXPECT_NEAR(static_cast<double>(planned.quantized_weights),
-                static_cast<double>(actual.at("quantized_weights_bytes").as_int()), 64.0 * 7 * 6);
-    EXPECT_EQ(planned.adapters, actual.at("adapters_bytes").as_int());
-    EXPECT_EQ(planned.optimizer_state, actual.at("optimizer_state_bytes").as_int());
-    EXPECT_EQ(planned.gather_buffers, actual.at("gather_buffers_bytes").as_int());
-    const double forward = static_cast<double>(actual.at("forward_activation_peak_bytes").as_int());
-    const double backward = static_cast<double>(actual.at("backward_activation_peak_bytes").as_int());
+                static_cast<double>(json_int(actual, "quantized_weights_bytes", "memory.json")), 64.0 * 7 * 6);
+    EXPECT_EQ(planned.adapters, json_int(actual, "adapters_bytes", "memory.json"));
+    EXPECT_EQ(planned.optimizer_state, json_int(actual, "optimizer_state_bytes", "memory.json"));
+    EXPECT_EQ(planned.gather_buffers, json_int(actual, "gather_buffers_bytes", "memory.json"));
+    const double forward = static_cast<double>(json_int(actual, "forward_activation_peak_bytes", "memory.json"));
+    const double backward = static_cast<double>(json_int(actual, "backward_activation_peak_bytes", "memory.json"));
     EXPECT_NEAR(static_cast<double>(planned.forward_activations), forward, 0.15 * forward);
     EXPECT_NEAR(static_cast<double>(planned.backward_activations), backward, 0.15 * backward);
   }
@@ -211,12 +212,15 @@ TEST(PlanCommand, TableJsonAndErrors) {
                                          &output),
             0)
       << output;
-  const auto json = shard::Json::parse(output);
-  EXPECT_TRUE(json.at("fits").as_bool());
+  const auto json = parse_json(output, "qlora plan --json");
+  EXPECT_TRUE(json_bool(json, "fits", "plan"));
   EXPECT_EQ(json.at("per_rank").size(), 8u);
-  EXPECT_GT(json.at("communication_bytes_per_step").as_int(), 0);
+  EXPECT_GT(json_int(json, "communication_bytes_per_step", "plan"), 0);
 
-  ASSERT_EQ(testing_support::run_command(binary + " plan --model llama-2-70b --world 2 --device-memory 24GiB --fit", &output), 0)
+  ASSERT_EQ(testing_support::run_command(binary + " plan --model llama-2-70b --world 2 --device-memory 24GiB --seq-len 2048 "
+                                                  "--global-batch 2 --fit",
+                                         &output),
+            0)
       << output;
   EXPECT_NE(output.find("DOES NOT FIT"), std::string::npos) << output;  // 2 x 24 GB needs offload
   EXPECT_NE(output.find("largest micro-batch"), std::string::npos) << output;
@@ -226,6 +230,113 @@ TEST(PlanCommand, TableJsonAndErrors) {
   EXPECT_EQ(testing_support::run_command(binary + " plan --model llama-2-7b --device-memory lots", &output), 2);
   EXPECT_NE(output.find("--device-memory"), std::string::npos) << output;
   EXPECT_EQ(testing_support::run_command(binary + " plan --model llama-2-7b --fit", &output), 2);
+}
+
+Json plan_of(const std::string& arguments) {
+  std::string output;
+  EXPECT_EQ(testing_support::run_command(testing_support::qlora_binary() + " plan " + arguments + " --json", &output), 0)
+      << output;
+  return parse_json(output, "qlora plan " + arguments);
+}
+
+TEST(PlanCommand, DefaultsAndMeaningsAreTrains) {
+  // No --micro-batch: a rank's whole share of the default global batch of 8 at once, 128 tokens, r 8.
+  const Json one = plan_of("--model llama-2-7b").at("job");
+  EXPECT_EQ(json_int(one, "global_batch", "job"), 8);
+  EXPECT_EQ(json_int(one, "micro_batch", "job"), 8);
+  EXPECT_EQ(json_int(one, "accumulation_steps", "job"), 1);
+  EXPECT_EQ(json_int(one, "sequence_length", "job"), 128);
+  EXPECT_EQ(json_int(one, "lora_r", "job"), 8);
+  EXPECT_EQ(json_int(one, "gather_slots", "job"), 2);
+  // Four ranks, micro-batch 1: 8 / 4 = 2 sequences a rank, accumulated over 2 forwards.
+  const Json four = plan_of("--model llama-2-7b --world 4 --micro-batch 1").at("job");
+  EXPECT_EQ(json_int(four, "micro_batch", "job"), 1);
+  EXPECT_EQ(json_int(four, "accumulation_steps", "job"), 2);
+  // Batches train refuses, plan refuses with train's words.
+  std::string output;
+  const std::string plan = testing_support::qlora_binary() + " plan --model llama-2-7b ";
+  EXPECT_EQ(testing_support::run_command(plan + "--world 3", &output), 2) << output;
+  EXPECT_NE(output.find("--global-batch 8 does not divide over 3 ranks"), std::string::npos) << output;
+  EXPECT_EQ(testing_support::run_command(plan + "--world 2 --micro-batch 3", &output), 2) << output;
+  EXPECT_NE(output.find("--micro-batch 3 does not divide the 4 sequences each rank gets per step"), std::string::npos)
+      << output;
+}
+
+TEST(PlanCommand, AccumulationStepsSetsTheGlobalBatchOrMustAgreeWithIt) {
+  const Json derived = plan_of("--model llama-2-7b --world 4 --micro-batch 2 --accumulation-steps 3").at("job");
+  EXPECT_EQ(json_int(derived, "global_batch", "job"), 24);
+  EXPECT_EQ(json_int(derived, "micro_batch", "job"), 2);
+  EXPECT_EQ(json_int(derived, "accumulation_steps", "job"), 3);
+  const Json agreeing =
+      plan_of("--model llama-2-7b --world 4 --global-batch 24 --micro-batch 2 --accumulation-steps 3").at("job");
+  EXPECT_EQ(json_int(agreeing, "accumulation_steps", "job"), 3);
+  std::string output;
+  const std::string plan = testing_support::qlora_binary() + " plan --model llama-2-7b --world 4 ";
+  EXPECT_EQ(testing_support::run_command(plan + "--global-batch 16 --micro-batch 2 --accumulation-steps 3", &output), 2)
+      << output;
+  EXPECT_NE(output.find("--accumulation-steps 3 disagrees with --global-batch 16 / 4 ranks / --micro-batch 2 = 2"),
+            std::string::npos)
+      << output;
+  EXPECT_EQ(testing_support::run_command(plan + "--accumulation-steps 3", &output), 2) << output;
+  EXPECT_NE(output.find("--accumulation-steps needs --micro-batch"), std::string::npos) << output;
+}
+
+// `qlora plan` given the arguments `qlora train` ran with plans that job: the same batch split,
+// adapters, gather slots, and the activations of that micro-batch.
+TEST(PlanCommand, TrainsArgumentsPlanTheJobTrainRuns) {
+  const std::string folder = testing_support::shared_temp_dir(MPI_COMM_SELF);
+  const std::string store = testing_support::synthetic_store("tiny", 64, MPI_COMM_SELF);
+  // Every shared option away from its default.
+  const std::string job = " --model " + store +
+                          " --seq-len 64 --global-batch 8 --micro-batch 2 --lora-r 4 --lora-alpha 8 --lora-dropout 0.1"
+                          " --lora-targets q_proj,v_proj,down_proj --lora-rank-pattern down_proj=8 --lora-init gaussian"
+                          " --use-rslora --checkpointing non-reentrant --keep-embeddings-16bit --gather-slots 3";
+  const std::string run = folder + "/plan-as-train";
+  std::string output;
+  ASSERT_EQ(testing_support::run_command("mpirun -np 2 --oversubscribe --allow-run-as-root " +
+                                             testing_support::qlora_binary() + " train" + job +
+                                             " --steps 1 --eval-fraction 0 --progress lines --out " + run,
+                                         &output),
+            0)
+      << output;
+  const Json plan = plan_of(job + " --world 2");
+  const Json& planned = plan.at("job");
+  const Json trained = read_json(run + "/config.json");  // train's resolved options
+  const std::string label = "config.json";
+  const int64_t world = 2;
+  EXPECT_EQ(json_int(planned, "world", "job"), world);
+  EXPECT_EQ(json_int(planned, "global_batch", "job"), json_int(trained, "global-batch", label));
+  EXPECT_EQ(json_int(planned, "micro_batch", "job"), json_int(trained, "micro-batch", label));
+  EXPECT_EQ(json_int(planned, "accumulation_steps", "job"),
+            json_int(trained, "global-batch", label) / world / json_int(trained, "micro-batch", label));
+  EXPECT_EQ(json_int(planned, "accumulation_steps", "job"), 2);
+  EXPECT_EQ(json_int(planned, "sequence_length", "job"), json_int(trained, "seq-len", label));
+  EXPECT_EQ(json_int(planned, "lora_r", "job"), json_int(trained, "lora-r", label));
+  EXPECT_EQ(json_double(planned, "lora_dropout", "job"), json_double(trained, "lora-dropout", label));
+  EXPECT_EQ(planned.at("lora_targets"), Json({"q_proj", "v_proj", "down_proj"}));
+  EXPECT_EQ(json_int(planned.at("lora_rank_pattern"), "down_proj", "job"), 8);
+  EXPECT_EQ(json_int(planned, "gather_slots", "job"), json_int(trained, "gather-slots", label));
+  EXPECT_TRUE(json_bool(planned, "checkpointing", "job"));
+  EXPECT_EQ(json_bool(planned, "embeddings_16bit", "job"), json_bool(trained, "keep-embeddings-16bit", label));
+
+  // What train measured of that job: the adapter shapes (targets, rank, rank pattern), optimizer
+  // state and gather pool exactly; the activation peak is that of 2-sequence forwards.
+  const Json measured = read_json(run + "/memory.json").at("ranks");
+  ASSERT_EQ(measured.size(), 2u);
+  for (size_t rank = 0; rank < 2; ++rank) {
+    const Json& actual = measured.at(rank);
+    const Json& predicted = plan.at("per_rank").at(rank);
+    EXPECT_EQ(json_int(predicted, "adapters", "plan"), json_int(actual, "adapters_bytes", "memory.json")) << rank;
+    EXPECT_EQ(json_int(predicted, "optimizer_state", "plan"), json_int(actual, "optimizer_state_bytes", "memory.json"));
+    EXPECT_EQ(json_int(predicted, "gather_buffers", "plan"), json_int(actual, "gather_buffers_bytes", "memory.json"));
+    // Planned / measured is 1.11 here; planning 4-sequence forwards would give 2.07.
+    const double activations =
+        static_cast<double>(std::max(json_int(actual, "forward_activation_peak_bytes", "memory.json"),
+                                     json_int(actual, "backward_activation_peak_bytes", "memory.json")));
+    const double planned_activations = static_cast<double>(std::max(
+        json_int(predicted, "forward_activations", "plan"), json_int(predicted, "backward_activations", "plan")));
+    EXPECT_NEAR(planned_activations, activations, 0.2 * activations) << rank;
+  }
 }
 
 }  // namespace

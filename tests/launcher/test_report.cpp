@@ -19,7 +19,7 @@
 #include "launcher/plot.h"
 #include "launcher/png.h"
 #include "launcher/report.h"
-#include "shard/json.h"
+#include "common/json.h"
 #include "support/test_support.h"
 
 namespace qlora::launcher {
@@ -316,7 +316,7 @@ std::string make_synthetic_run(const std::string& name) {
   const std::string dir = shared_temp_dir(MPI_COMM_SELF) + "/" + name;
   std::ostringstream metrics;
   auto step_line = [&](int step, double loss) {
-    shard::Json line;
+    Json line;
     line["step"] = step;
     line["loss"] = loss;
     line["lr"] = 1e-3 * step / 12.0;
@@ -332,9 +332,9 @@ std::string make_synthetic_run(const std::string& name) {
   for (int step = 5; step <= 12; ++step) step_line(step, 3 - 0.1 * step);  // resumed at step 4
   metrics << "{\"step\":12,\"eval_loss\":2.25,\"eval_perplexity\":" << std::exp(2.25) << "}\n";
   write_text(dir + "/metrics.jsonl", metrics.str());
-  shard::Json::Array ranks;
+  Json ranks = Json::array();
   for (int rank = 0; rank < 2; ++rank) {
-    shard::Json entry;
+    Json entry;
     entry["rank"] = rank;
     entry["quantized_weights_bytes"] = (int64_t{10} + rank) << 20;  // 10 and 11 MiB
     entry["replicated_parameters_bytes"] = int64_t{4} << 20;
@@ -347,10 +347,10 @@ std::string make_synthetic_run(const std::string& name) {
     entry["peak_total_bytes"] = (int64_t{28} + rank) << 20;
     ranks.push_back(entry);
   }
-  shard::Json memory;
+  Json memory;
   memory["ranks"] = ranks;
   write_text(dir + "/memory.json", memory.dump(2));
-  shard::Json config;
+  Json config;
   config["model"] = "model.h5";
   config["data"] = "corpus|with|bars";
   config["steps"] = int64_t{12};
@@ -385,7 +385,7 @@ TEST(Report, ReadsTheRunFolderAndLaterLinesReplaceEarlierOnes) {
   EXPECT_EQ(run.memory[1].forward_activation_peak, int64_t{7} << 20);
   EXPECT_EQ(run.checkpoints, (std::vector<std::string>{"step-6", "step-12"}));  // numeric order, no .partial
   EXPECT_TRUE(run.has_final_adapter);
-  EXPECT_EQ(run.config.at("lora-r").as_int(), 8);
+  EXPECT_EQ(run.config.at("lora-r").get<int64_t>(), 8);
 }
 
 TEST(Report, MarkdownCarriesTheRunsNumbers) {
@@ -529,16 +529,16 @@ TEST(Report, TrainOnTwoRanksThenReport) {
   double last_loss = NAN;
   double last_eval = NAN;
   while (std::getline(lines, line)) {
-    const auto value = shard::Json::parse(line);
+    const auto value = parse_json(line, "metrics.jsonl");
     if (value.contains("loss")) {
       // Every step line carries its communication time: gather wait plus all-reduce wait.
-      const double gather = value.at("gather_wait_seconds").as_double();
-      const double reduce = value.at("reduce_wait_seconds").as_double();
+      const double gather = value.at("gather_wait_seconds").get<double>();
+      const double reduce = value.at("reduce_wait_seconds").get<double>();
       EXPECT_GE(reduce, 0.0);
-      EXPECT_NEAR(value.at("communication_seconds").as_double(), gather + reduce, 1e-9);
+      EXPECT_NEAR(value.at("communication_seconds").get<double>(), gather + reduce, 1e-9);
     }
-    if (value.contains("loss")) last_loss = value.at("loss").as_double();
-    if (value.contains("eval_loss")) last_eval = value.at("eval_loss").as_double();
+    if (value.contains("loss")) last_loss = value.at("loss").get<double>();
+    if (value.contains("eval_loss")) last_eval = value.at("eval_loss").get<double>();
   }
   const std::string md = read_text(report + "/report.md");
   char expected[200];

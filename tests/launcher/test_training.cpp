@@ -11,7 +11,7 @@
 #include "cluster/mpi_communicator.h"
 #include "launcher/optimizer.h"
 #include "launcher/train.h"
-#include "shard/json.h"
+#include "common/json.h"
 #include "shard/safetensors.h"
 #include "support/test_support.h"
 
@@ -47,21 +47,22 @@ TEST(Training, LossFallsByAtLeastThirtyPercentOverFiftySteps) {
   std::ifstream config_file(options.out_dir + "/final/adapter_config.json");
   std::stringstream config_text;
   config_text << config_file.rdbuf();
-  const auto config = shard::Json::parse(config_text.str());
-  EXPECT_EQ(config.at("peft_type").as_string(), "LORA");
-  EXPECT_EQ(config.at("r").as_int(), 8);
-  EXPECT_EQ(config.at("lora_alpha").as_double(), 16.0);
+  const auto config = parse_json(config_text.str(), "adapter_config.json");
+  EXPECT_EQ(json_string(config, "peft_type", "adapter_config.json"), "LORA");
+  EXPECT_EQ(json_int(config, "r", "adapter_config.json"), 8);
+  EXPECT_EQ(json_double(config, "lora_alpha", "adapter_config.json"), 16.0);
   EXPECT_EQ(config.at("target_modules").size(), 7u);
   std::ifstream metrics(options.out_dir + "/metrics.jsonl");
   int step_lines = 0;
   int eval_lines = 0;
   for (std::string line; std::getline(metrics, line);) {
-    const auto entry = shard::Json::parse(line);
+    const auto entry = parse_json(line, "metrics.jsonl");
     if (entry.contains("tokens_per_second")) ++step_lines;
     if (entry.contains("eval_loss")) {
       ++eval_lines;
-      EXPECT_EQ(entry.at("step").as_int(), 50);
-      EXPECT_NEAR(entry.at("eval_perplexity").as_double(), std::exp(entry.at("eval_loss").as_double()), 1e-6);
+      EXPECT_EQ(json_int(entry, "step", "metrics.jsonl"), 50);
+      EXPECT_NEAR(json_double(entry, "eval_perplexity", "metrics.jsonl"),
+                  std::exp(json_double(entry, "eval_loss", "metrics.jsonl")), 1e-6);
     }
   }
   EXPECT_EQ(step_lines, 50);
