@@ -405,8 +405,7 @@ TrainResult run_training(const TrainOptions& options, cluster::Communicator& com
     overall_peak = std::max(overall_peak, cluster::MemoryCounter::peak_bytes());
     const int64_t resident = cluster::MemoryCounter::current_bytes();
     for (int64_t micro = 0; micro < micro_steps; ++micro) {
-      model->set_dropout_seed((options.seed * 1000003ull + static_cast<uint64_t>(step)) * 131ull +
-                              static_cast<uint64_t>(micro));
+      model->set_dropout_rows(options.seed, step, rank * rows_per_rank + micro * micro_batch);
       auto micro_inputs = inputs.narrow(0, micro * micro_batch, micro_batch);
       auto micro_targets = targets.narrow(0, micro * micro_batch, micro_batch);
       cluster::MemoryCounter::reset_peak();
