@@ -259,10 +259,6 @@ std::unique_ptr<Run> open_run(const TrainOptions& options, cluster::Communicator
 
 // ---- train_step ----------------------------------------------------------------------------------
 
-uint64_t dropout_seed(uint64_t seed, int64_t step, int64_t micro_step) {
-  return (seed * 1000003ull + static_cast<uint64_t>(step)) * 131ull + static_cast<uint64_t>(micro_step);
-}
-
 void require_gradient_path(const torch::Tensor& loss) {
   if (!loss.requires_grad())
     throw UserError("no gradient can reach the adapters: the loss does not depend on any trainable parameter",
@@ -307,7 +303,7 @@ std::optional<StepOutcome> train_step(Run& run, int64_t step) {
   double local_loss = 0.0;
   run.memory->begin_step();
   for (int64_t micro = 0; micro < micro_steps; ++micro) {
-    run.model->set_dropout_seed(dropout_seed(run.options.seed, step, micro));
+    run.model->set_dropout_rows(run.options.seed, step, run.rank * run.batch.rows_per_rank + micro * rows);
     run.memory->begin_forward();
     auto loss = run.model->next_token_loss(inputs.narrow(0, micro * rows, rows), targets.narrow(0, micro * rows, rows));
     run.memory->end_forward();

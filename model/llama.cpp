@@ -45,19 +45,27 @@ torch::Tensor read_vocab_rows(const shard::ModelStore& store, const std::string&
   return tensor;
 }
 
-// splitmix64: decorrelates the (seed, block, rank) triple into a generator seed.
-uint64_t mix_seed(uint64_t value) {
-  value += 0x9e3779b97f4a7c15ull;
-  value = (value ^ (value >> 30)) * 0xbf58476d1ce4e5b9ull;
-  value = (value ^ (value >> 27)) * 0x94d049bb133111ebull;
-  return value ^ (value >> 31);
-}
-
 // q, k: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim].
 torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
   const int64_t half = x.size(-1) / 2;
   auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
   return x * cos + rotated * sin;
+}
+
+// A checkpointed block keeps the dropout rows of its first forward, so its recomputation in backward
+// draws the same masks whatever the model has been told since.
+void save_dropout_rows(torch::autograd::AutogradContext* context, const DropoutSource& rows) {
+  context->saved_data["dropout_seed"] = static_cast<int64_t>(rows.seed);
+  context->saved_data["dropout_step"] = rows.step;
+  context->saved_data["dropout_first_global_row"] = rows.first_global_row;
+}
+
+DropoutSource saved_dropout_rows(torch::autograd::AutogradContext* context) {
+  DropoutSource rows;
+  rows.seed = static_cast<uint64_t>(context->saved_data["dropout_seed"].toInt());
+  rows.step = context->saved_data["dropout_step"].toInt();
+  rows.first_global_row = context->saved_data["dropout_first_global_row"].toInt();
+  return rows;
 }
 
 // Reentrant checkpoint of one decoder block (PEFT's default, use_reentrant=True): forward keeps
@@ -70,8 +78,9 @@ struct ReentrantBlockCheckpoint : public torch::autograd::Function<ReentrantBloc
     context->save_for_backward({hidden});
     context->saved_data["index"] = index;
     context->saved_data["model"] = model_address;
+    save_dropout_rows(context, model->dropout_rows());
     torch::NoGradGuard no_grad;
-    return model->run_block(static_cast<size_t>(index), hidden);
+    return model->run_block(static_cast<size_t>(index), hidden, model->dropout_rows());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
@@ -82,7 +91,7 @@ struct ReentrantBlockCheckpoint : public torch::autograd::Function<ReentrantBloc
     torch::Tensor output;
     {
       torch::AutoGradMode enable_grad(true);
-      output = model->run_block(index, hidden, /*output_value_read=*/false);
+      output = model->run_block(index, hidden, saved_dropout_rows(context), /*output_value_read=*/false);
     }
     if (index > 0) model->prefetch_block(index - 1);
     torch::autograd::backward({output}, {grad_outputs[0]});
@@ -101,8 +110,9 @@ struct NonReentrantBlockCheckpoint : public torch::autograd::Function<NonReentra
     context->saved_data["model"] = model_address;
     context->saved_data["hidden_requires_grad"] = hidden.requires_grad();
     context->saved_data["adapter_count"] = static_cast<int64_t>(adapter_parameters.size());
+    save_dropout_rows(context, model->dropout_rows());
     torch::NoGradGuard no_grad;
-    return model->run_block(static_cast<size_t>(index), hidden);
+    return model->run_block(static_cast<size_t>(index), hidden, model->dropout_rows());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
@@ -115,7 +125,7 @@ struct NonReentrantBlockCheckpoint : public torch::autograd::Function<NonReentra
     torch::autograd::variable_list inputs;
     {
       torch::AutoGradMode enable_grad(true);
-      output = model->run_block(index, hidden, /*output_value_read=*/false);
+      output = model->run_block(index, hidden, saved_dropout_rows(context), /*output_value_read=*/false);
     }
     if (index > 0) model->prefetch_block(index - 1);
     if (hidden_requires_grad) inputs.push_back(hidden);
@@ -274,7 +284,7 @@ torch::Tensor DecoderBlockImpl::dequantize_weight(size_t tensor_index) {
 }
 
 torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
-                                        at::Generator* dropout_generator, bool value_read) {
+                                        const DropoutSource& dropout_source, bool value_read) {
   // Two-dimensional rows, so the adapter can add its update into the frozen product in place.
   const int64_t out_features = linear_shapes_[tensor_index][0];
   const auto rows = x.reshape({-1, x.size(-1)});
@@ -283,16 +293,23 @@ torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_i
   auto bias = biases.find(name);
   if (bias != biases.end()) output = output + bias->second.to(output.scalar_type());
   auto adapter = adapters.find(name);
-  if (adapter != adapters.end()) adapter->second->add_update(output, rows, dropout_generator);
+  if (adapter != adapters.end()) {
+    DropoutSource projection_source = dropout_source;
+    projection_source.projection = static_cast<int64_t>(tensor_index);
+    adapter->second->add_update(output, rows, projection_source);
+  }
   auto sizes = x.sizes().vec();
   sizes.back() = out_features;
   return output.view(sizes);
 }
 
 torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const AttentionTables& tables,
-                                        at::Generator* dropout_generator, bool output_value_read) {
+                                        const DropoutSource& dropout_rows, bool output_value_read) {
   const int64_t batch = hidden.size(0);
   const int64_t sequence = hidden.size(1);
+  DropoutSource dropout_source = dropout_rows;
+  dropout_source.layer = layer;
+  dropout_source.sequence_length = sequence;
   const int64_t heads = config_.num_attention_heads;
   const int64_t kv_heads = config_.num_key_value_heads;
   const int64_t group = heads / kv_heads;
@@ -303,9 +320,9 @@ torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const Atten
   torch::Tensor attention;
   {
     auto normed = rms_norm(hidden, input_layernorm, config_.rms_norm_eps).to(torch::kFloat);
-    auto q = project("q_proj", 0, normed, dropout_generator).view({batch, sequence, heads, head_dim}).transpose(1, 2);
-    auto k = project("k_proj", 1, normed, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
-    auto v = project("v_proj", 2, normed, dropout_generator).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
+    auto q = project("q_proj", 0, normed, dropout_source).view({batch, sequence, heads, head_dim}).transpose(1, 2);
+    auto k = project("k_proj", 1, normed, dropout_source).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
+    auto v = project("v_proj", 2, normed, dropout_source).view({batch, sequence, kv_heads, head_dim}).transpose(1, 2);
     normed.reset();
     // The query's rotary tables carry 1/sqrt(head_dim), so the scores need no scaling pass of their own.
     q = apply_rotary(q, tables.query_cos, tables.query_sin);
@@ -323,18 +340,18 @@ torch::Tensor DecoderBlockImpl::forward(const torch::Tensor& hidden, const Atten
     attention = torch::matmul(probabilities, v);
   }
   attention = attention.view({batch, heads, sequence, head_dim}).transpose(1, 2).reshape({batch, sequence, heads * head_dim});
-  auto after_attention = hidden + project("o_proj", 3, attention, dropout_generator);
+  auto after_attention = hidden + project("o_proj", 3, attention, dropout_source);
   attention.reset();
 
   torch::Tensor product;
   {
     auto normed_mlp = rms_norm(after_attention, post_attention_layernorm, config_.rms_norm_eps).to(torch::kFloat);
-    auto gate = project("gate_proj", 4, normed_mlp, dropout_generator);
-    auto up = project("up_proj", 5, normed_mlp, dropout_generator);
+    auto gate = project("gate_proj", 4, normed_mlp, dropout_source);
+    auto up = project("up_proj", 5, normed_mlp, dropout_source);
     normed_mlp.reset();
     product = SwiGlu::apply(gate, up);
   }
-  auto mlp = project("down_proj", 6, product, dropout_generator, output_value_read);
+  auto mlp = project("down_proj", 6, product, dropout_source, output_value_read);
   product.reset();
   return after_attention + mlp;
 }
@@ -497,14 +514,19 @@ void LlamaModelImpl::ensure_attention_tables(int64_t sequence_length) {
   attention_tables_ = std::move(tables);
 }
 
-torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidden, bool output_value_read) {
+void LlamaModelImpl::set_dropout_rows(uint64_t seed, int64_t step, int64_t first_global_row) {
+  dropout_rows_.seed = seed;
+  dropout_rows_.step = step;
+  dropout_rows_.first_global_row = first_global_row;
+}
+
+torch::Tensor LlamaModelImpl::run_block(size_t index, const torch::Tensor& hidden, const DropoutSource& dropout_rows,
+                                        bool output_value_read) {
   const int64_t sequence = hidden.size(1);
   if (quantized_blocks_) gatherer_->acquire(index);
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(
-      mix_seed(dropout_seed_ ^ mix_seed(index * 1000003ull + static_cast<uint64_t>(communicator_.rank()))));
   // final_hidden built the tables for this sequence length; a recomputing checkpoint reuses them.
   assert(attention_tables_.cos.defined() && attention_tables_.cos.size(0) == sequence);
-  return blocks_[index]->forward(hidden, attention_tables_, &generator, output_value_read);
+  return blocks_[index]->forward(hidden, attention_tables_, dropout_rows, output_value_read);
 }
 
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& tokens) {
@@ -563,7 +585,7 @@ torch::Tensor LlamaModelImpl::final_hidden(const torch::Tensor& tokens) {
                                                     at::TensorList(adapters));
       }
     } else {
-      hidden = run_block(index, hidden);
+      hidden = run_block(index, hidden, dropout_rows_);
     }
   }
   return rms_norm(hidden, final_norm, config_.rms_norm_eps).to(torch::kFloat);

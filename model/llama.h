@@ -42,7 +42,9 @@ class DecoderBlockImpl : public torch::nn::Module {
   DecoderBlockImpl(const shard::ModelConfig& config, int64_t layer, kernels::QuantType quant_type);
   // With output_value_read = false (a checkpointed block recomputed only for its graph) the down
   // projection's frozen product, whose value nothing reads, is not computed: its backward still is.
-  torch::Tensor forward(const torch::Tensor& hidden, const AttentionTables& tables, at::Generator* dropout_generator,
+  // `dropout_rows` says which global-batch sequences `hidden` holds; the block adds its layer, the
+  // sequence length and each projection to draw the adapters' dropout masks.
+  torch::Tensor forward(const torch::Tensor& hidden, const AttentionTables& tables, const DropoutSource& dropout_rows,
                         bool output_value_read = true);
   void add_lora(const LoraConfig& config, at::Generator& init_generator);
   void attach_gatherer(cluster::BlockGatherer* gatherer) { gatherer_ = gatherer; }
@@ -68,7 +70,7 @@ class DecoderBlockImpl : public torch::nn::Module {
 
  private:
   torch::Tensor project(const std::string& name, size_t tensor_index, const torch::Tensor& x,
-                        at::Generator* dropout_generator, bool value_read = true);
+                        const DropoutSource& dropout_source, bool value_read = true);
   shard::ModelConfig config_;
   std::vector<std::vector<int64_t>> linear_shapes_;  // [out, in] per projection, block_linear_names order
   cluster::BlockGatherer* gatherer_ = nullptr;
@@ -120,13 +122,19 @@ class LlamaModelImpl : public torch::nn::Module {
   // no forward hooks, so the embedding honours this flag instead.
   void set_input_require_grads(bool enabled) { input_require_grads_ = enabled; }
   bool input_require_grads() const { return input_require_grads_; }
-  // Dropout masks are a function of (seed, step, block, rank) so a recomputed block sees the same.
-  void set_dropout_seed(uint64_t seed) { dropout_seed_ = seed; }
+  // The training forwards that follow hold sequences [first_global_row, first_global_row + batch) of
+  // step `step`'s global batch. LoRA dropout masks are a function of these and of each token's layer,
+  // projection and position (DropoutSource), never of the rank or the micro-batch split, so every
+  // world size and accumulation split drops the same features of the same token.
+  void set_dropout_rows(uint64_t seed, int64_t step, int64_t first_global_row);
+  const DropoutSource& dropout_rows() const { return dropout_rows_; }
 
-  // Runs block `index` on `hidden` (gathering its weights); used by the checkpoint function.
+  // Runs block `index` on `hidden` (gathering its weights), drawing dropout masks for `dropout_rows`;
+  // used by the checkpoint functions, which pass the rows of their first forward when recomputing.
   // output_value_read = false: the caller only back-propagates through the result (checkpoint
   // recomputation), so work that only feeds the value is skipped.
-  torch::Tensor run_block(size_t index, const torch::Tensor& hidden, bool output_value_read = true);
+  torch::Tensor run_block(size_t index, const torch::Tensor& hidden, const DropoutSource& dropout_rows,
+                          bool output_value_read = true);
   void prefetch_block(size_t index) { gatherer_->prefetch(index); }
   size_t block_count() const { return blocks_.size(); }
   bool quantized_blocks() const { return quantized_blocks_; }
@@ -157,7 +165,7 @@ class LlamaModelImpl : public torch::nn::Module {
   bool quantized_blocks_ = true;
   CheckpointingMode checkpointing_;
   bool input_require_grads_ = false;
-  uint64_t dropout_seed_ = 0;
+  DropoutSource dropout_rows_;  // seed, step and first global row; the block fills in the rest
   LoadMemory load_memory_;
   shard::VocabRange vocab_range_;
   AttentionTables attention_tables_;  // for the sequence length of the last forward

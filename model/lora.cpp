@@ -1,6 +1,11 @@
-// LoRA adapter initialisation and its in-place update of a frozen product.
+// LoRA adapter initialisation, its in-place update of a frozen product, and the dropout masks that
+// are a function of each token's place in the global batch.
 #include "model/lora.h"
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <stdexcept>
 
@@ -68,16 +73,59 @@ LoraAdapterImpl::LoraAdapterImpl(int64_t in_features, int64_t out_features, cons
   lora_B = register_parameter("lora_B", torch::zeros({out_features, config.r}, torch::kFloat));
 }
 
-void LoraAdapterImpl::add_update(torch::Tensor& output, const torch::Tensor& x, at::Generator* dropout_generator) {
+namespace {
+constexpr uint64_t kGoldenGamma = 0x9e3779b97f4a7c15ull;
+
+// splitmix64's output function: a bijection under which consecutive inputs look independent.
+uint64_t mix64(uint64_t value) {
+  value = (value ^ (value >> 30)) * 0xbf58476d1ce4e5b9ull;
+  value = (value ^ (value >> 27)) * 0x94d049bb133111ebull;
+  return value ^ (value >> 31);
+}
+
+uint64_t combine(uint64_t key, int64_t coordinate) {
+  return mix64(key ^ mix64(static_cast<uint64_t>(coordinate) + kGoldenGamma));
+}
+}  // namespace
+
+torch::Tensor dropout_mask(const DropoutSource& source, int64_t rows, int64_t features, double keep) {
+  assert(keep > 0.0 && keep <= 1.0);
+  assert(source.sequence_length > 0 && rows % source.sequence_length == 0);
+  auto mask = torch::empty({rows, features}, torch::kFloat);
+  float* values = mask.data_ptr<float>();
+  const float kept = static_cast<float>(1.0 / keep);
+  // A 32-bit uniform u keeps its feature when u < threshold, with probability threshold / 2^32 = keep.
+  const auto threshold = static_cast<uint64_t>(std::llround(keep * 4294967296.0));
+  const uint64_t projection_key =
+      combine(combine(combine(mix64(source.seed + kGoldenGamma), source.step), source.layer), source.projection);
+  const int64_t pairs = features / 2;
+  // Each token's features are the splitmix64 stream of its own key, two 32-bit draws per output,
+  // so a row's values do not depend on which rows share the call or on how threads split them.
+  const int64_t rows_per_task = std::max<int64_t>(1, 32768 / std::max<int64_t>(features, 1));
+  at::parallel_for(0, rows, rows_per_task, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t sequence = source.first_global_row + row / source.sequence_length;
+      const uint64_t token_key = combine(combine(projection_key, sequence), row % source.sequence_length);
+      float* out = values + row * features;
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        const uint64_t bits = mix64(token_key + static_cast<uint64_t>(pair + 1) * kGoldenGamma);
+        out[2 * pair] = (bits & 0xffffffffull) < threshold ? kept : 0.0f;
+        out[2 * pair + 1] = (bits >> 32) < threshold ? kept : 0.0f;
+      }
+      if (features % 2 != 0) {
+        const uint64_t bits = mix64(token_key + static_cast<uint64_t>(pairs + 1) * kGoldenGamma);
+        out[features - 1] = (bits & 0xffffffffull) < threshold ? kept : 0.0f;
+      }
+    }
+  });
+  return mask;
+}
+
+void LoraAdapterImpl::add_update(torch::Tensor& output, const torch::Tensor& x, const DropoutSource& dropout_source) {
   torch::Tensor input = x.to(lora_A.scalar_type());
   if (dropout > 0.0 && is_training()) {
-    const double keep = 1.0 - dropout;
-    auto mask = torch::empty_like(input);
-    if (dropout_generator != nullptr)
-      mask.bernoulli_(keep, *dropout_generator);
-    else
-      mask.bernoulli_(keep);
-    input = input * mask / keep;
+    // The hash runs on the host (the model computes on CPUs); .to() is a no-op there.
+    input = input * dropout_mask(dropout_source, input.size(0), input.size(1), 1.0 - dropout).to(input.options());
   }
   output.addmm_(torch::matmul(input, lora_A.t()), lora_B.t(), /*beta=*/1.0, /*alpha=*/scaling);
 }

@@ -33,13 +33,31 @@ struct LoraConfig {
   std::vector<std::string> resolved_targets() const;
 };
 
+// What an adapter's dropout mask is a function of. Every token's mask is a counter-based hash of
+// (seed, step, its sequence's index in the global batch, layer, projection, position, feature), so
+// any world size and any micro-batch split drop the same features of the same token, and a
+// checkpointed block recomputed in backward draws the mask its first forward drew.
+struct DropoutSource {
+  uint64_t seed = 0;
+  int64_t step = 0;               // optimizer step
+  int64_t first_global_row = 0;   // index in the global batch of the first sequence of the input
+  int64_t sequence_length = 1;    // input rows per sequence
+  int64_t layer = 0;
+  int64_t projection = 0;         // index in the block's projection order (q, k, v, o, gate, up, down)
+};
+
+// The inverted-dropout mask of an input of [rows, features] (rows = sequences x sequence_length):
+// fp32, each element 1/keep with probability keep, else 0.
+torch::Tensor dropout_mask(const DropoutSource& source, int64_t rows, int64_t features, double keep);
+
 class LoraAdapterImpl : public torch::nn::Module {
  public:
   LoraAdapterImpl(int64_t in_features, int64_t out_features, const LoraConfig& config, at::Generator& init_generator);
   // Adds the update B(A(dropout(x))) * scaling into `output` ([rows, out], the frozen product) in
   // place: one GEMM with beta 1 and alpha = scaling, so neither the [rows, out] update nor its scaled
-  // copy is materialised. x: [rows, in]. `dropout_generator` may be null when dropout is 0.
-  void add_update(torch::Tensor& output, const torch::Tensor& x, at::Generator* dropout_generator);
+  // copy is materialised. x: [rows, in]; in training with dropout > 0, x is first multiplied by
+  // dropout_mask(dropout_source, ...).
+  void add_update(torch::Tensor& output, const torch::Tensor& x, const DropoutSource& dropout_source);
 
   torch::Tensor lora_A;  // [r, in]
   torch::Tensor lora_B;  // [out, r]
