@@ -6,7 +6,6 @@
 #include "cluster/fault_watchdog.h"
 
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -44,6 +43,7 @@ constexpr double kReportFailureWaitSeconds = 1.0;
 constexpr double kFarewellSeconds = 2.0;
 // A frozen neighbour stops reading: past this many unsent bytes, heartbeats are not queued for it.
 constexpr size_t kMaxQueuedBytes = 4096;
+
 double seconds_between(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration<double>(to - from).count();
 }

@@ -59,10 +59,10 @@ struct FaultWatchdogSettings {
   // Between the message about a lost rank and the abort: lets mpirun (or srun --kill-on-bad-exit)
   // report the original failure and end the job its own way first.
   double exit_grace_seconds = 2.0;
+  double setup_timeout_seconds = 15.0;  // connecting to the tree neighbours at construction
   // How long a rank told of another's failure waits for its own end before aborting the job: ranks
   // that fail together reach their own error handling within milliseconds of each other.
   double failure_grace_seconds = 2.0;
-  double setup_timeout_seconds = 15.0;  // connecting to the tree neighbours at construction
 
   static FaultWatchdogSettings from_environment();
 };
