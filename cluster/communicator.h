@@ -40,6 +40,10 @@ class Communicator {
   // Upper bound in seconds on one blocking wait for the other ranks (0: none); past it the job is
   // aborted naming the call. Backends without a watchdog ignore it.
   virtual void set_collective_timeout(double /*seconds*/) {}
+  // This rank is about to exit with `exit_code` (not 0) because of `message`: backends with a fault
+  // watchdog tell the other ranks, so those still working end the job with that code and message
+  // instead of waiting in a collective. Backends without one ignore it.
+  virtual void report_failure(const std::string& /*message*/, int /*exit_code*/) {}
 
   // Blocking forms. Backends override them when a blocking call is faster than wait(async) (MPI's
   // tuned blocking collectives beat its non-blocking ones by up to 2x here).

@@ -1,14 +1,11 @@
-// The fault watchdog: a TCP connection between every pair of ranks, serviced by one thread per rank.
-// Rank i connects to every rank below it and accepts from every rank above; a 16-byte hello carrying
-// a token shared through MPI identifies both ends, so a connection that reached the wrong process
-// (an address that exists on several hosts, a stale port) is dropped and the next address tried.
-// After the hello the stream carries single bytes: heartbeats, and one goodbye before a clean exit.
+// The fault watchdog: TCP links along a binary tree of the ranks, serviced by one thread per rank.
+// Each child connects to its parent's one listening address; a 24-byte hello each way carries the
+// rank and the job's 128-bit token, so a connection that reached the wrong process (a stale port,
+// another job) is dropped. The listener closes once the children are linked. After the hello the
+// links carry heartbeats, goodbyes and notices (cluster/watchdog_wire.h).
 #include "cluster/fault_watchdog.h"
 
 #include <arpa/inet.h>
-#include <fcntl.h>
-#include <ifaddrs.h>
-#include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -24,82 +21,35 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <sstream>
 
+#include "cluster/watchdog_address.h"
 #include "common/log.h"
 
 namespace qlora::cluster {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+namespace wire = watchdog_wire;
 
-constexpr uint32_t kHelloMagic = 0x514c5744;  // "QLWD"
-constexpr size_t kHelloBytes = 16;
-constexpr uint8_t kHeartbeat = 'H';
-constexpr uint8_t kGoodbye = 'G';
 constexpr double kConnectAttemptSeconds = 3.0;
 // A reply comes within milliseconds from the right process; only a wrong one stays silent.
 constexpr double kReplySeconds = 10.0;
+constexpr double kRetrySeconds = 0.2;  // after a refused or failed attempt, within the setup timeout
 // A gap this long between two passes of our own loop means this process was not running (stopped,
-// suspended): peers' silence over that gap says nothing about them.
+// suspended): neighbours' silence over that gap says nothing about them.
 constexpr double kSelfStallSeconds = 5.0;
-constexpr size_t kMaxAddresses = 13;
-
-// What every rank publishes about itself, gathered to all ranks through MPI.
-struct Endpoint {
-  char host[64];
-  uint32_t pid;
-  uint32_t port;
-  uint32_t address_count;
-  uint32_t addresses[kMaxAddresses];  // IPv4, network byte order, loopback excluded
-};
-static_assert(sizeof(Endpoint) == 128, "Endpoint is exchanged as raw bytes");
+constexpr double kReportFailureWaitSeconds = 1.0;
+constexpr double kFarewellSeconds = 2.0;
+// A frozen neighbour stops reading: past this many unsent bytes, heartbeats are not queued for it.
+constexpr size_t kMaxQueuedBytes = 4096;
 
 double seconds_between(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration<double>(to - from).count();
 }
 
-void put_u32(uint8_t* out, uint32_t value) {
-  for (int i = 0; i < 4; ++i) out[i] = static_cast<uint8_t>(value >> (24 - 8 * i));
-}
-uint32_t get_u32(const uint8_t* in) {
-  return (uint32_t{in[0]} << 24) | (uint32_t{in[1]} << 16) | (uint32_t{in[2]} << 8) | uint32_t{in[3]};
-}
-
-void encode_hello(uint8_t* out, int rank, uint64_t token) {
-  put_u32(out, kHelloMagic);
-  put_u32(out + 4, static_cast<uint32_t>(rank));
-  put_u32(out + 8, static_cast<uint32_t>(token >> 32));
-  put_u32(out + 12, static_cast<uint32_t>(token));
-}
-
-// The rank a hello names, or -1 when it is not one of ours.
-int decode_hello(const uint8_t* in, uint64_t token) {
-  if (get_u32(in) != kHelloMagic) return -1;
-  const uint64_t received = (uint64_t{get_u32(in + 8)} << 32) | get_u32(in + 12);
-  if (received != token) return -1;
-  return static_cast<int>(get_u32(in + 4));
-}
-
-struct Interface {
-  uint32_t address;  // network byte order
-  uint32_t netmask;
-};
-
-std::vector<Interface> local_interfaces() {
-  std::vector<Interface> result;
-  ifaddrs* list = nullptr;
-  if (getifaddrs(&list) != 0) return result;
-  for (ifaddrs* entry = list; entry != nullptr; entry = entry->ifa_next) {
-    if (entry->ifa_addr == nullptr || entry->ifa_addr->sa_family != AF_INET) continue;
-    if ((entry->ifa_flags & IFF_UP) == 0 || (entry->ifa_flags & IFF_LOOPBACK) != 0) continue;
-    const auto* address = reinterpret_cast<const sockaddr_in*>(entry->ifa_addr);
-    const auto* netmask = reinterpret_cast<const sockaddr_in*>(entry->ifa_netmask);
-    result.push_back({address->sin_addr.s_addr, netmask != nullptr ? netmask->sin_addr.s_addr : 0u});
-  }
-  freeifaddrs(list);
-  return result;
+Clock::duration to_duration(double seconds) {
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
 }
 
 void set_nodelay(int fd) {
@@ -107,11 +57,7 @@ void set_nodelay(int fd) {
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
-// One non-blocking send; false when the connection is broken (a full buffer is not).
-bool send_byte(int fd, uint8_t byte) {
-  const ssize_t sent = send(fd, &byte, 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-  return sent == 1 || (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR));
-}
+bool would_block() { return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR; }
 
 // Reads what is there into `buffer` up to `want` bytes; -1 on end-of-file or error, else bytes held.
 ssize_t read_some(int fd, uint8_t* buffer, size_t* held, size_t want) {
@@ -121,23 +67,23 @@ ssize_t read_some(int fd, uint8_t* buffer, size_t* held, size_t want) {
       *held += static_cast<size_t>(got);
       continue;
     }
-    if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) break;
+    if (got < 0 && would_block()) break;
     return -1;
   }
   return static_cast<ssize_t>(*held);
 }
 
-void check_setup(int result, const char* call, MPI_Comm comm) {
-  if (result == MPI_SUCCESS) return;
-  char reason[MPI_MAX_ERROR_STRING] = {0};
-  int length = 0;
-  MPI_Error_string(result, reason, &length);
-  log::error(std::string("fault watchdog setup: ") + call + " failed: " + reason + "; aborting every rank");
-  MPI_Abort(comm, 3);
-  std::abort();
-}
+const char* kDiedReason = "the process died (killed, crashed, or exited without finishing)";
 
 }  // namespace
+
+std::vector<int> watchdog_tree_neighbours(int rank, int size) {
+  std::vector<int> result;
+  if (rank > 0) result.push_back((rank - 1) / 2);
+  for (const int64_t child : {2 * int64_t{rank} + 1, 2 * int64_t{rank} + 2})
+    if (child < size) result.push_back(static_cast<int>(child));
+  return result;
+}
 
 FaultWatchdogSettings FaultWatchdogSettings::from_environment() {
   FaultWatchdogSettings settings;
@@ -154,148 +100,133 @@ FaultWatchdogSettings FaultWatchdogSettings::from_environment() {
 }
 
 FaultWatchdog::FaultWatchdog(MPI_Comm comm, FaultWatchdogSettings settings)
-    : comm_(comm), settings_(settings), collective_timeout_seconds_(settings.collective_timeout_seconds) {
-  MPI_Comm_rank(comm_, &rank_);
-  MPI_Comm_size(comm_, &size_);
-  // Listen before publishing the port, so every peer that learns it can connect at once.
-  listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    : FaultWatchdog(make_mpi_watchdog_group(comm), settings) {}
+
+FaultWatchdog::FaultWatchdog(std::unique_ptr<WatchdogGroup> group, FaultWatchdogSettings settings)
+    : group_(std::move(group)), settings_(settings), collective_timeout_seconds_(settings.collective_timeout_seconds) {
+  rank_ = group_->rank();
+  size_ = group_->size();
+  neighbour_ranks_ = watchdog_tree_neighbours(rank_, size_);
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  sockaddr_in any{};
-  any.sin_family = AF_INET;
-  any.sin_addr.s_addr = htonl(INADDR_ANY);
-  any.sin_port = 0;
-  socklen_t length = sizeof any;
-  const bool listening = listen_fd_ >= 0 && wake_fd_ >= 0 &&
-                         bind(listen_fd_, reinterpret_cast<sockaddr*>(&any), sizeof any) == 0 &&
-                         listen(listen_fd_, SOMAXCONN) == 0 &&
-                         getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&any), &length) == 0;
-  if (!listening) {
-    log::warn(std::string("fault watchdog: cannot listen on a TCP port (") + std::strerror(errno) +
-              "); a lost rank will end this one only after --collective-timeout");
-    if (listen_fd_ >= 0) close(listen_fd_);
-    listen_fd_ = -1;
-  }
-  uint64_t token = 0;
-  if (rank_ == 0) token = (uint64_t{std::random_device{}()} << 32) ^ std::random_device{}();
-  check_setup(MPI_Bcast(&token, 1, MPI_UINT64_T, 0, comm_), "MPI_Bcast", comm_);
-  token_ = token;
+  if (rank_ == 0) token_ = wire::random_token();
+  group_->broadcast_from_root(token_.data(), token_.size());
+  set_up_links();
 
-  Endpoint self{};
-  gethostname(self.host, sizeof self.host - 1);
-  self.pid = static_cast<uint32_t>(getpid());
-  self.port = listen_fd_ >= 0 ? ntohs(any.sin_port) : 0;
-  const auto interfaces = local_interfaces();
-  for (const auto& interface : interfaces)
-    if (self.address_count < kMaxAddresses) self.addresses[self.address_count++] = interface.address;
-  std::vector<Endpoint> endpoints(static_cast<size_t>(size_));
-  check_setup(MPI_Allgather(&self, sizeof self, MPI_BYTE, endpoints.data(), sizeof self, MPI_BYTE, comm_),
-              "MPI_Allgather", comm_);
-
+  // Link to every neighbour before returning, so a rank that ends right away (a user error found on
+  // every rank) already has links to say so over.
   const auto now = Clock::now();
-  peers_.resize(static_cast<size_t>(size_));
-  for (int r = 0; r < size_; ++r) {
-    Peer& peer = peers_[r];
-    const Endpoint& endpoint = endpoints[r];
-    peer.rank = r;
-    peer.host.assign(endpoint.host, strnlen(endpoint.host, sizeof endpoint.host));
-    peer.pid = endpoint.pid;
-    peer.port = static_cast<uint16_t>(endpoint.port);
-    peer.last_heard = now;
-    if (r == rank_) {
-      peer.link = Link::finished;
-      continue;
-    }
-    if (listen_fd_ < 0 || endpoint.port == 0) {
-      peer.link = Link::unreachable;
-      continue;
-    }
-    if (r > rank_) continue;  // it connects to us
-    // Addresses to try: loopback for a peer on this host, then the peer's addresses that share a
-    // subnet with one of ours (the ones most likely routed directly), then the rest.
-    if (peer.host == self.host) peer.candidates.push_back(htonl(INADDR_LOOPBACK));
-    std::vector<uint32_t> near;
-    std::vector<uint32_t> far;
-    for (uint32_t i = 0; i < std::min<uint32_t>(endpoint.address_count, kMaxAddresses); ++i) {
-      const uint32_t address = endpoint.addresses[i];
-      const bool shares_subnet = std::any_of(interfaces.begin(), interfaces.end(), [&](const Interface& mine) {
-        return mine.netmask != 0 && (mine.address & mine.netmask) == (address & mine.netmask);
-      });
-      (shares_subnet ? near : far).push_back(address);
-    }
-    peer.candidates.insert(peer.candidates.end(), near.begin(), near.end());
-    peer.candidates.insert(peer.candidates.end(), far.begin(), far.end());
-    try_next_candidate(peer, now);
-  }
+  setup_deadline_ = now + to_duration(settings_.setup_timeout_seconds);
   last_heartbeat_ = now;
   last_service_ = now;
-
-  // Connect to every peer before returning, so a rank that ends right away (a user error found on
-  // every rank) already has links to say goodbye over.
-  const auto deadline = now + std::chrono::duration_cast<Clock::duration>(
-                                  std::chrono::duration<double>(settings_.setup_timeout_seconds));
-  while (!setup_complete() && Clock::now() < deadline) service(50);
-  count_connected();
+  for (auto& peer : peers_) {
+    peer.last_heard = now;
+    if (peer.is_parent && peer.link == Link::connecting) start_connect(peer, now);
+  }
+  while (!setup_complete() && Clock::now() < setup_deadline_) service(50);
   std::ostringstream missing;
-  for (const auto& peer : peers_) {
+  for (auto& peer : peers_) {
     if (peer.link == Link::connected || peer.link == Link::finished) continue;
+    close_link(peer, Link::unreachable);
     missing << " " << peer.rank << " (" << peer.host << ")";
   }
+  close_listener();
+  count_connected();
   if (!missing.str().empty())
     log::warn("fault watchdog: no connection to rank(s)" + missing.str() +
-              "; if one of them is lost, this rank ends only after --collective-timeout");
+              "; if a rank beyond them is lost, this rank ends only after --collective-timeout");
   thread_ = std::thread([this] { run(); });
 }
 
+void FaultWatchdog::set_up_links() {
+  wire::HostRecord self{};
+  gethostname(self.host, sizeof self.host - 1);
+  self.identity = host_identity();
+  self.pid = static_cast<uint32_t>(getpid());
+  const auto interfaces = local_interfaces();
+  for (const auto& interface : interfaces)
+    if (self.address_count < wire::kMaxHostAddresses) self.addresses[self.address_count++] = interface.address;
+  const bool all_on_one_host = group_->all_equal(self.identity);
+  std::vector<wire::HostRecord> records(neighbour_ranks_.size());
+  group_->exchange_with(neighbour_ranks_, &self, sizeof self, records.data());
+
+  peers_.resize(neighbour_ranks_.size());
+  std::vector<uint32_t> remote_child_addresses;
+  for (size_t i = 0; i < peers_.size(); ++i) {
+    Peer& peer = peers_[i];
+    const wire::HostRecord& record = records[i];
+    peer.rank = neighbour_ranks_[i];
+    peer.host.assign(record.host, strnlen(record.host, sizeof record.host));
+    peer.pid = record.pid;
+    peer.is_parent = peer.rank < rank_;
+    if (peer.is_parent || record.identity == self.identity) continue;
+    for (uint32_t k = 0; k < std::min<uint32_t>(record.address_count, wire::kMaxHostAddresses); ++k)
+      remote_child_addresses.push_back(record.addresses[k]);
+  }
+  wire::ListenRecord mine{0, 0};
+  const bool has_children = std::any_of(peers_.begin(), peers_.end(), [](const Peer& peer) { return !peer.is_parent; });
+  if (has_children) {
+    const auto resolved = all_on_one_host ? std::vector<uint32_t>{} : resolve_host_addresses(self.host);
+    mine.address = choose_listen_address(all_on_one_host, resolved, interfaces, remote_child_addresses);
+    mine.port = open_listener(mine.address);
+  }
+  std::vector<wire::ListenRecord> listening(neighbour_ranks_.size());
+  group_->exchange_with(neighbour_ranks_, &mine, sizeof mine, listening.data());
+  for (size_t i = 0; i < peers_.size(); ++i) {
+    Peer& peer = peers_[i];
+    if (peer.is_parent) {
+      peer.address = listening[i].address;
+      peer.port = static_cast<uint16_t>(listening[i].port);
+      peer.link = peer.port != 0 ? Link::connecting : Link::unreachable;
+    } else {
+      peer.link = listen_fd_ >= 0 ? Link::accepting : Link::unreachable;
+    }
+  }
+}
+
+uint16_t FaultWatchdog::open_listener(uint32_t address) {
+  listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  sockaddr_in bound{};
+  bound.sin_family = AF_INET;
+  bound.sin_addr.s_addr = address;
+  bound.sin_port = 0;
+  socklen_t length = sizeof bound;
+  const bool listening = listen_fd_ >= 0 && bind(listen_fd_, reinterpret_cast<sockaddr*>(&bound), sizeof bound) == 0 &&
+                         listen(listen_fd_, 8) == 0 &&
+                         getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &length) == 0;
+  if (listening) return ntohs(bound.sin_port);
+  log::warn("fault watchdog: cannot listen on " + format_ipv4(address) + " (" + std::strerror(errno) +
+            "); a lost rank beyond this one ends it only after --collective-timeout");
+  close_listener();
+  return 0;
+}
+
 FaultWatchdog::~FaultWatchdog() {
+  ending_itself_.store(true);
   stopping_.store(true);
+  wake();
+  if (thread_.joinable()) thread_.join();
+  for (auto& peer : peers_)
+    if (peer.fd >= 0) close(peer.fd);
+  for (auto& pending : unidentified_) close(pending.fd);
+  close_listener();
+  if (wake_fd_ >= 0) close(wake_fd_);
+}
+
+void FaultWatchdog::wake() {
   const uint64_t one = 1;
   if (wake_fd_ >= 0 && write(wake_fd_, &one, sizeof one) < 0) {
-    // The thread notices `stopping_` at its next poll timeout anyway.
+    // The thread notices at its next poll timeout anyway.
   }
-  if (thread_.joinable()) thread_.join();
-  // Goodbye, then wait (briefly) for each peer to close its end: closing while its heartbeats are
-  // still unread would reset the connection instead of ending it in order.
-  std::vector<Peer*> open;
-  for (auto& peer : peers_) {
-    if (peer.link != Link::connected) {
-      if (peer.fd >= 0) close(peer.fd);
-      peer.fd = -1;
-      continue;
-    }
-    send_byte(peer.fd, kGoodbye);
-    shutdown(peer.fd, SHUT_WR);
-    open.push_back(&peer);
-  }
-  const auto deadline = Clock::now() + std::chrono::seconds(2);
-  while (!open.empty() && Clock::now() < deadline) {
-    std::vector<pollfd> fds;
-    for (Peer* peer : open) fds.push_back({peer->fd, POLLIN, 0});
-    if (poll(fds.data(), fds.size(), 100) < 0 && errno != EINTR) break;
-    std::vector<Peer*> still_open;
-    for (size_t i = 0; i < open.size(); ++i) {
-      bool closed = false;
-      if (fds[i].revents != 0) {
-        uint8_t discard[256];
-        for (;;) {
-          const ssize_t got = recv(open[i]->fd, discard, sizeof discard, MSG_DONTWAIT);
-          if (got > 0) continue;
-          closed = got == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
-          break;
-        }
-      }
-      if (closed) {
-        close(open[i]->fd);
-        open[i]->fd = -1;
-      } else {
-        still_open.push_back(open[i]);
-      }
-    }
-    open.swap(still_open);
-  }
-  for (Peer* peer : open) close(peer->fd);
-  for (auto& pending : unidentified_) close(pending.fd);
-  if (listen_fd_ >= 0) close(listen_fd_);
-  if (wake_fd_ >= 0) close(wake_fd_);
+}
+
+void FaultWatchdog::report_failure(const std::string& message, int exit_code) {
+  assert(exit_code != 0 && "a clean exit is a goodbye, not a failure");
+  ending_itself_.store(true);
+  std::unique_lock<std::mutex> lock(failure_mutex_);
+  if (own_failure_) return;
+  own_failure_ = wire::Notice{wire::NoticeKind::failed, rank_, rank_, exit_code, message};
+  wake();
+  failure_sent_.wait_for(lock, to_duration(kReportFailureWaitSeconds), [this] { return own_failure_sent_; });
 }
 
 void FaultWatchdog::begin_wait(const char* call) {
@@ -312,6 +243,7 @@ void FaultWatchdog::run() {
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, nullptr);
   while (!stopping_.load()) service(250);
+  say_farewell();
 }
 
 bool FaultWatchdog::setup_complete() const {
@@ -321,10 +253,8 @@ bool FaultWatchdog::setup_complete() const {
 }
 
 void FaultWatchdog::count_connected() {
-  int connected = 0;
-  for (const auto& peer : peers_)
-    if (peer.link == Link::connected) ++connected;
-  connected_peers_.store(connected);
+  const auto connected = std::count_if(peers_.begin(), peers_.end(), [](const Peer& peer) { return peer.link == Link::connected; });
+  connected_peers_.store(static_cast<int>(connected));
 }
 
 void FaultWatchdog::service(int poll_milliseconds) {
@@ -346,7 +276,9 @@ void FaultWatchdog::service(int poll_milliseconds) {
   for (size_t i = 0; i < peers_.size(); ++i) {
     const Peer& peer = peers_[i];
     if (peer.fd < 0) continue;
-    const short events = peer.link == Link::connecting ? POLLOUT : POLLIN;
+    short events = POLLIN;
+    if (peer.link == Link::connecting) events = POLLOUT;
+    if (peer.link == Link::connected && !peer.outgoing.empty()) events |= POLLOUT;
     fds.push_back({peer.fd, events, 0});
     owners.emplace_back(Owner::peer, i);
   }
@@ -356,39 +288,59 @@ void FaultWatchdog::service(int poll_milliseconds) {
     for (auto& peer : peers_) peer.last_heard = now;
   last_service_ = now;
 
-  if (ready > 0) {
-    const size_t known_unidentified = unidentified_.size();
-    for (size_t i = 0; i < fds.size(); ++i) {
-      if (fds[i].revents == 0) continue;
-      const auto [owner, index] = owners[i];
-      switch (owner) {
-        case Owner::listener:
-          accept_connections(now);
-          break;
-        case Owner::wake: {
-          uint64_t count = 0;
-          if (read(wake_fd_, &count, sizeof count) < 0) {
-            // Nothing to do: the wake-up only interrupts poll().
-          }
-          break;
-        }
-        case Owner::unidentified:
-          if (index < known_unidentified) read_unidentified(unidentified_[index], now);
-          break;
-        case Owner::peer: {
-          Peer& peer = peers_[index];
-          if (peer.link == Link::connecting)
-            finish_connect(peer, now);
-          else if (peer.link == Link::awaiting_reply)
-            read_reply(peer, now);
-          else if (peer.link == Link::connected)
-            read_link(peer, now);
-          break;
-        }
+  const size_t known_unidentified = unidentified_.size();
+  for (size_t i = 0; ready > 0 && i < fds.size(); ++i) {
+    if (fds[i].revents == 0) continue;
+    const auto [owner, index] = owners[i];
+    if (owner == Owner::listener) {
+      accept_connections(now);
+    } else if (owner == Owner::wake) {
+      uint64_t count = 0;
+      if (read(wake_fd_, &count, sizeof count) < 0) {
+        // Nothing to do: the wake-up only interrupts poll().
       }
+    } else if (owner == Owner::unidentified) {
+      if (index < known_unidentified) read_unidentified(unidentified_[index], now);
+    } else {
+      Peer& peer = peers_[index];
+      if (peer.fd != fds[i].fd) continue;  // closed by an earlier event of this pass
+      if (peer.link == Link::connecting)
+        finish_connect(peer, now);
+      else if (peer.link == Link::awaiting_reply)
+        read_reply(peer, now);
+      else if (peer.link == Link::connected && (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) != 0)
+        read_link(peer, now);
     }
   }
-  // Drop hellos that never came (and the sockets whose hello was handled above).
+  check_timers(now);
+  send_own_failure();
+  if (seconds_between(last_heartbeat_, now) >= settings_.heartbeat_interval_seconds) {
+    last_heartbeat_ = now;
+    for (auto& peer : peers_)
+      if (peer.link == Link::connected && peer.outgoing.size() < kMaxQueuedBytes) peer.outgoing.push_back(wire::kHeartbeat);
+  }
+  flush_all();
+  for (auto& peer : peers_)
+    if (peer.link == Link::connected && seconds_between(peer.last_heard, now) > settings_.heartbeat_timeout_seconds) {
+      char reason[160];
+      std::snprintf(reason, sizeof reason,
+                    "no heartbeat for %.0f s: its node or network is down, or the process is frozen",
+                    settings_.heartbeat_timeout_seconds);
+      lose(peer, reason);
+    }
+  if (pending_failure_ && !ending_itself_.load() && now >= pending_failure_->act_at) {
+    const wire::Notice& notice = pending_failure_->notice;
+    const std::string code = std::to_string(notice.exit_code);
+    end_job("rank " + std::to_string(notice.subject) + " failed (exit code " + code + "): " + notice.text +
+                "; aborting every rank (exit code " + code + ")",
+            notice.exit_code, 0.0);
+  }
+  count_connected();
+  check_wait(now);
+}
+
+void FaultWatchdog::check_timers(Clock::time_point now) {
+  // Drop hellos that never came (and the sockets whose hello was handled this pass).
   unidentified_.erase(std::remove_if(unidentified_.begin(), unidentified_.end(),
                                      [&](Unidentified& pending) {
                                        if (pending.fd >= 0 && seconds_between(pending.accepted, now) > kReplySeconds) {
@@ -399,31 +351,14 @@ void FaultWatchdog::service(int poll_milliseconds) {
                                      }),
                       unidentified_.end());
   for (auto& peer : peers_) {
-    if (peer.link == Link::connecting && seconds_between(peer.attempt_started, now) > kConnectAttemptSeconds) {
-      close_link(peer, Link::connecting);
-      try_next_candidate(peer, now);
-    } else if (peer.link == Link::awaiting_reply && seconds_between(peer.attempt_started, now) > kReplySeconds) {
-      close_link(peer, Link::awaiting_reply);
-      try_next_candidate(peer, now);
-    }
+    const double waited = seconds_between(peer.attempt_started, now);
+    const bool retry = (peer.link == Link::connecting && peer.fd < 0 && waited > kRetrySeconds) ||
+                       (peer.link == Link::connecting && peer.fd >= 0 && waited > kConnectAttemptSeconds) ||
+                       (peer.link == Link::awaiting_reply && waited > kReplySeconds);
+    if (!retry) continue;
+    close_link(peer, Link::connecting);
+    if (now < setup_deadline_) start_connect(peer, now);
   }
-  if (seconds_between(last_heartbeat_, now) >= settings_.heartbeat_interval_seconds) {
-    last_heartbeat_ = now;
-    for (auto& peer : peers_)
-      if (peer.link == Link::connected && !send_byte(peer.fd, kHeartbeat))
-        lose(peer, std::string("its watchdog connection broke (") + std::strerror(errno) +
-                       "): the process died (killed, crashed, or exited without finishing)");
-  }
-  for (auto& peer : peers_)
-    if (peer.link == Link::connected && seconds_between(peer.last_heard, now) > settings_.heartbeat_timeout_seconds) {
-      char reason[160];
-      std::snprintf(reason, sizeof reason,
-                    "no heartbeat for %.0f s: its node or network is down, or the process is frozen",
-                    settings_.heartbeat_timeout_seconds);
-      lose(peer, reason);
-    }
-  count_connected();
-  check_wait(now);
 }
 
 void FaultWatchdog::accept_connections(Clock::time_point now) {
@@ -439,93 +374,229 @@ void FaultWatchdog::accept_connections(Clock::time_point now) {
 }
 
 void FaultWatchdog::read_unidentified(Unidentified& pending, Clock::time_point now) {
-  const ssize_t held = read_some(pending.fd, pending.hello, &pending.hello_bytes, kHelloBytes);
-  if (held >= 0 && static_cast<size_t>(held) < kHelloBytes) return;
-  const int rank = held < 0 ? -1 : decode_hello(pending.hello, token_);
-  const bool expected = rank > rank_ && rank < size_ && peers_[rank].link == Link::accepting;
-  uint8_t reply[kHelloBytes];
-  encode_hello(reply, rank_, token_);
-  if (expected && send(pending.fd, reply, kHelloBytes, MSG_NOSIGNAL | MSG_DONTWAIT) == static_cast<ssize_t>(kHelloBytes)) {
-    Peer& peer = peers_[rank];
-    peer.fd = pending.fd;
-    peer.link = Link::connected;
-    peer.last_heard = now;
+  const ssize_t held = read_some(pending.fd, pending.hello.data(), &pending.hello_bytes, wire::kHelloBytes);
+  if (held >= 0 && static_cast<size_t>(held) < wire::kHelloBytes) return;
+  const int rank = held < 0 ? -1 : wire::decode_hello(pending.hello.data(), token_);
+  const auto child = std::find_if(peers_.begin(), peers_.end(), [&](const Peer& peer) {
+    return peer.rank == rank && !peer.is_parent && peer.link == Link::accepting;
+  });
+  const wire::Hello reply = wire::encode_hello(rank_, token_);
+  if (child != peers_.end() &&
+      send(pending.fd, reply.data(), reply.size(), MSG_NOSIGNAL | MSG_DONTWAIT) == static_cast<ssize_t>(reply.size())) {
+    child->fd = pending.fd;
+    child->link = Link::connected;
+    child->last_heard = now;
   } else {
     close(pending.fd);
   }
   pending.fd = -1;  // handed over or closed; erased after this pass
 }
 
-void FaultWatchdog::try_next_candidate(Peer& peer, Clock::time_point now) {
-  while (peer.next_candidate < peer.candidates.size()) {
-    const uint32_t address = peer.candidates[peer.next_candidate++];
-    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) break;
-    set_nodelay(fd);
-    sockaddr_in target{};
-    target.sin_family = AF_INET;
-    target.sin_addr.s_addr = address;
-    target.sin_port = htons(peer.port);
-    if (connect(fd, reinterpret_cast<sockaddr*>(&target), sizeof target) == 0 || errno == EINPROGRESS) {
-      peer.fd = fd;
-      peer.link = Link::connecting;
-      peer.attempt_started = now;
-      peer.hello_bytes = 0;
-      return;
-    }
-    close(fd);
+void FaultWatchdog::start_connect(Peer& peer, Clock::time_point now) {
+  peer.link = Link::connecting;
+  peer.attempt_started = now;
+  peer.hello_bytes = 0;
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;  // retried after kRetrySeconds
+  set_nodelay(fd);
+  sockaddr_in target{};
+  target.sin_family = AF_INET;
+  target.sin_addr.s_addr = peer.address;
+  target.sin_port = htons(peer.port);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&target), sizeof target) == 0 || errno == EINPROGRESS) {
+    peer.fd = fd;
+    return;
   }
-  peer.link = Link::unreachable;
+  close(fd);
 }
 
 void FaultWatchdog::finish_connect(Peer& peer, Clock::time_point now) {
   int error = 0;
   socklen_t length = sizeof error;
-  uint8_t hello[kHelloBytes];
-  encode_hello(hello, rank_, token_);
+  const wire::Hello hello = wire::encode_hello(rank_, token_);
   if (getsockopt(peer.fd, SOL_SOCKET, SO_ERROR, &error, &length) == 0 && error == 0 &&
-      send(peer.fd, hello, kHelloBytes, MSG_NOSIGNAL | MSG_DONTWAIT) == static_cast<ssize_t>(kHelloBytes)) {
+      send(peer.fd, hello.data(), hello.size(), MSG_NOSIGNAL | MSG_DONTWAIT) == static_cast<ssize_t>(hello.size())) {
     peer.link = Link::awaiting_reply;
     peer.attempt_started = now;
     return;
   }
-  close_link(peer, Link::connecting);
-  try_next_candidate(peer, now);
+  close_link(peer, Link::connecting);  // retried after kRetrySeconds
+  peer.attempt_started = now;
 }
 
 void FaultWatchdog::read_reply(Peer& peer, Clock::time_point now) {
-  const ssize_t held = read_some(peer.fd, peer.hello, &peer.hello_bytes, kHelloBytes);
-  if (held >= 0 && static_cast<size_t>(held) < kHelloBytes) return;
-  if (held >= 0 && decode_hello(peer.hello, token_) == peer.rank) {
+  const ssize_t held = read_some(peer.fd, peer.hello.data(), &peer.hello_bytes, wire::kHelloBytes);
+  if (held >= 0 && static_cast<size_t>(held) < wire::kHelloBytes) return;
+  if (held >= 0 && wire::decode_hello(peer.hello.data(), token_) == peer.rank) {
     peer.link = Link::connected;
     peer.last_heard = now;
     return;
   }
-  close_link(peer, Link::awaiting_reply);
-  try_next_candidate(peer, now);
+  close_link(peer, Link::connecting);  // retried after kRetrySeconds
+  peer.attempt_started = now;
 }
 
 void FaultWatchdog::read_link(Peer& peer, Clock::time_point now) {
-  uint8_t bytes[256];
+  uint8_t bytes[512];
   for (;;) {
     const ssize_t got = recv(peer.fd, bytes, sizeof bytes, MSG_DONTWAIT);
     if (got > 0) {
-      for (ssize_t i = 0; i < got; ++i) {
-        if (bytes[i] == kGoodbye) {
-          // It finished normally; it sends nothing after the goodbye, so closing loses nothing.
-          close_link(peer, Link::finished);
-          return;
-        }
-        if (bytes[i] != kHeartbeat) lose(peer, "its watchdog connection carried unexpected data");
-      }
+      peer.reader.append(bytes, static_cast<size_t>(got));
       peer.last_heard = now;
       continue;
     }
-    if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
-    lose(peer, got == 0 ? "its watchdog connection closed without a goodbye: the process died (killed, crashed, "
-                          "or exited without finishing)"
-                        : std::string("its watchdog connection broke (") + std::strerror(errno) +
-                              "): the process died (killed, crashed, or exited without finishing)");
+    const int error = errno;
+    if (got < 0 && would_block()) break;
+    // What came before the end still counts (a goodbye or a notice, then the close).
+    if (!take_items(peer, now)) return;
+    if (peer.reported_failure) {
+      close_link(peer, Link::finished);
+      return;
+    }
+    lose(peer, got == 0 ? std::string("its watchdog connection closed without a goodbye: ") + kDiedReason
+                        : std::string("its watchdog connection broke (") + std::strerror(error) + "): " + kDiedReason);
+    return;
+  }
+  take_items(peer, now);
+}
+
+// Acts on what the stream holds; false when that ended the link.
+bool FaultWatchdog::take_items(Peer& peer, Clock::time_point now) {
+  wire::Notice notice;
+  for (;;) {
+    switch (peer.reader.next(&notice)) {
+      case wire::StreamReader::Item::none:
+        return true;
+      case wire::StreamReader::Item::heartbeat:
+        break;
+      case wire::StreamReader::Item::goodbye:
+        // It finished normally; it sends nothing after the goodbye, so closing loses nothing.
+        close_link(peer, Link::finished);
+        return false;
+      case wire::StreamReader::Item::notice:
+        if (notice.subject < 0 || notice.subject >= size_ || notice.exit_code < 1 || notice.exit_code > 255) {
+          lose(peer, "its watchdog connection carried a malformed notice");
+          return false;
+        }
+        if (notice.kind == wire::NoticeKind::failed && notice.subject == peer.rank) peer.reported_failure = true;
+        on_notice(peer, notice, now);
+        if (peer.link != Link::connected) return false;
+        break;
+      case wire::StreamReader::Item::malformed:
+        lose(peer, "its watchdog connection carried unexpected data");
+        return false;
+    }
+  }
+}
+
+void FaultWatchdog::on_notice(const Peer& from, const wire::Notice& notice, Clock::time_point now) {
+  if (!notice_forwarded_) {
+    notice_forwarded_ = true;
+    queue_to_links(wire::encode_notice(notice), &from);
+    flush_all();
+  }
+  if (ending_itself_.load()) return;
+  if (notice.kind == wire::NoticeKind::lost)
+    end_job(notice.text + " (seen by rank " + std::to_string(notice.reporter) + "); aborting every rank (exit code " +
+                std::to_string(notice.exit_code) + ")",
+            notice.exit_code, settings_.exit_grace_seconds);
+  if (!pending_failure_) pending_failure_ = PendingFailure{notice, now + to_duration(settings_.failure_grace_seconds)};
+}
+
+void FaultWatchdog::send_own_failure() {
+  std::lock_guard<std::mutex> lock(failure_mutex_);
+  if (!own_failure_ || own_failure_sent_) return;
+  notice_forwarded_ = true;
+  queue_to_links(wire::encode_notice(*own_failure_), nullptr);
+  flush_all();
+  own_failure_sent_ = true;
+  failure_sent_.notify_all();
+}
+
+void FaultWatchdog::queue_to_links(const std::string& bytes, const Peer* except) {
+  for (auto& peer : peers_)
+    if (peer.link == Link::connected && &peer != except) peer.outgoing += bytes;
+}
+
+bool FaultWatchdog::flush(Peer& peer) {
+  while (!peer.outgoing.empty()) {
+    const ssize_t sent = send(peer.fd, peer.outgoing.data(), peer.outgoing.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (sent > 0) {
+      peer.outgoing.erase(0, static_cast<size_t>(sent));
+      continue;
+    }
+    return sent < 0 && would_block();
+  }
+  return true;
+}
+
+void FaultWatchdog::flush_all() {
+  for (auto& peer : peers_) {
+    if (peer.link != Link::connected || flush(peer)) continue;
+    lose(peer, std::string("its watchdog connection broke (") + std::strerror(errno) + "): " + kDiedReason);
+  }
+}
+
+void FaultWatchdog::say_farewell() {
+  send_own_failure();  // reported just before the destructor: still goes first
+  bool failed = false;
+  {
+    std::lock_guard<std::mutex> lock(failure_mutex_);
+    failed = own_failure_.has_value();
+  }
+  if (!failed) queue_to_links(std::string(1, static_cast<char>(wire::kGoodbye)), nullptr);
+  // Then wait for each neighbour to close its end: closing ours while its bytes are unread would
+  // reset the connection, and a reset may discard what we sent. After a failure, a neighbour that is
+  // still working acts on it within failure_grace_seconds (it aborts the job and its end closes);
+  // this rank stays until then, so that no launcher ends the job on this rank's exit code before
+  // the others have printed why. Neighbours failing too (their own notice came) are shut down at once.
+  const double limit = failed ? settings_.failure_grace_seconds + kFarewellSeconds : kFarewellSeconds;
+  const auto deadline = Clock::now() + to_duration(limit);
+  while (Clock::now() < deadline) {
+    std::vector<pollfd> fds;
+    std::vector<Peer*> open;
+    for (auto& peer : peers_) {
+      if (peer.link != Link::connected) continue;
+      const bool ending_too = !failed || peer.reported_failure;
+      if (ending_too && peer.outgoing.empty() && !peer.write_closed) {
+        shutdown(peer.fd, SHUT_WR);
+        peer.write_closed = true;
+      }
+      fds.push_back({peer.fd, static_cast<short>(POLLIN | (peer.outgoing.empty() ? 0 : POLLOUT)), 0});
+      open.push_back(&peer);
+    }
+    if (open.empty()) return;
+    if (poll(fds.data(), fds.size(), 100) < 0 && errno != EINTR) return;
+    for (size_t i = 0; i < open.size(); ++i) {
+      if (!flush(*open[i]))
+        close_link(*open[i], Link::finished);
+      else if ((fds[i].revents & (POLLIN | POLLHUP | POLLERR)) != 0)
+        read_during_farewell(*open[i]);
+    }
+  }
+}
+
+// Only whether the neighbour is ending too matters now: its own failure notice, a goodbye, or its close.
+void FaultWatchdog::read_during_farewell(Peer& peer) {
+  uint8_t bytes[512];
+  for (;;) {
+    const ssize_t got = recv(peer.fd, bytes, sizeof bytes, MSG_DONTWAIT);
+    if (got > 0) {
+      peer.reader.append(bytes, static_cast<size_t>(got));
+      continue;
+    }
+    if (got < 0 && would_block()) break;
+    close_link(peer, Link::finished);
+    return;
+  }
+  wire::Notice notice;
+  for (auto item = peer.reader.next(&notice); item != wire::StreamReader::Item::none; item = peer.reader.next(&notice)) {
+    if (item == wire::StreamReader::Item::goodbye || item == wire::StreamReader::Item::malformed) {
+      close_link(peer, Link::finished);
+      return;
+    }
+    if (item == wire::StreamReader::Item::notice && notice.kind == wire::NoticeKind::failed && notice.subject == peer.rank)
+      peer.reported_failure = true;
   }
 }
 
@@ -533,30 +604,51 @@ void FaultWatchdog::close_link(Peer& peer, Link state) {
   if (peer.fd >= 0) close(peer.fd);
   peer.fd = -1;
   peer.link = state;
+  peer.outgoing.clear();
 }
 
-void FaultWatchdog::lose(const Peer& peer, const std::string& reason) {
-  end_job("lost rank " + std::to_string(peer.rank) + " (pid " + std::to_string(peer.pid) + " on " + peer.host +
-              "): " + reason + "; aborting every rank (exit code " + std::to_string(kExitLostRank) + ")",
+void FaultWatchdog::close_listener() {
+  if (listen_fd_ >= 0) close(listen_fd_);
+  listen_fd_ = -1;
+}
+
+void FaultWatchdog::lose(Peer& peer, const std::string& reason) {
+  const std::string text = "lost rank " + std::to_string(peer.rank) + " (pid " + std::to_string(peer.pid) + " on " +
+                           peer.host + "): " + reason;
+  close_link(peer, Link::finished);
+  // On its way out, this rank blocks nobody; and once a failure is known, the neighbours are ending
+  // the job too (their abort closes their links), so a close is no news.
+  if (ending_itself_.load() || pending_failure_) return;
+  notice_forwarded_ = true;
+  queue_to_links(wire::encode_notice({wire::NoticeKind::lost, peer.rank, rank_, kExitLostRank, text}), nullptr);
+  end_job(text + "; aborting every rank (exit code " + std::to_string(kExitLostRank) + ")", kExitLostRank,
           settings_.exit_grace_seconds);
 }
 
-void FaultWatchdog::end_job(const std::string& message, double grace_seconds) {
+void FaultWatchdog::end_job(const std::string& message, int exit_code, double grace_seconds) {
   if (ending_.exchange(true)) {
     // Another path is already ending the process.
     for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
   }
   log::error(message);
-  std::this_thread::sleep_for(std::chrono::duration<double>(grace_seconds));
-  // MPI_Abort rather than exiting alone: it also ends ranks that cannot end themselves (a frozen
-  // one, or one without a watchdog connection), under mpirun and srun alike. Should it ever stall,
-  // the exit below still comes; no destructors, no MPI_Finalize, which would wait for the lost rank.
-  std::thread([] {
-    std::this_thread::sleep_for(std::chrono::seconds(10));
-    std::_Exit(kExitLostRank);
-  }).detach();
-  MPI_Abort(comm_, kExitLostRank);
-  std::_Exit(kExitLostRank);
+  // The grace also lets the notices queued for the neighbours go out (at least one try without it).
+  for (auto& peer : peers_)
+    if (peer.link == Link::connected) flush(peer);
+  const auto deadline = Clock::now() + to_duration(grace_seconds);
+  for (auto now = Clock::now(); now < deadline; now = Clock::now()) {
+    std::vector<pollfd> fds;
+    for (auto& peer : peers_)
+      if (peer.link == Link::connected && !peer.outgoing.empty()) fds.push_back({peer.fd, POLLOUT, 0});
+    if (fds.empty()) {
+      std::this_thread::sleep_until(deadline);
+      break;
+    }
+    poll(fds.data(), fds.size(), 50);
+    for (auto& peer : peers_)
+      if (peer.link == Link::connected && !flush(peer)) peer.outgoing.clear();
+  }
+  group_->end_job(exit_code);
+  std::abort();  // unreachable: the group's end_job does not return (GCC does not see it through virtual calls)
 }
 
 void FaultWatchdog::check_wait(Clock::time_point now) {
@@ -568,12 +660,15 @@ void FaultWatchdog::check_wait(Clock::time_point now) {
                       now);
   if (waited <= limit) return;
   const char* call = wait_call_.load();
-  char message[320];
-  std::snprintf(message, sizeof message,
-                "%s has waited %.0f s for the other ranks (--collective-timeout %g): a rank is stuck or lost; "
-                "aborting every rank (exit code %d)",
-                call != nullptr ? call : "a collective", waited, limit, kExitLostRank);
-  end_job(message, 0.0);
+  char reason[256];
+  std::snprintf(reason, sizeof reason,
+                "%s has waited %.0f s for the other ranks (--collective-timeout %g): a rank is stuck or lost",
+                call != nullptr ? call : "a collective", waited, limit);
+  // The neighbours learn why this rank aborts, so its links closing is not taken for a loss.
+  notice_forwarded_ = true;
+  queue_to_links(wire::encode_notice({wire::NoticeKind::failed, rank_, rank_, kExitLostRank, reason}), nullptr);
+  const std::string message = std::string(reason) + "; aborting every rank (exit code " + std::to_string(kExitLostRank) + ")";
+  end_job(message, kExitLostRank, 0.0);
 }
 
 }  // namespace qlora::cluster

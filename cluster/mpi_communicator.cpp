@@ -180,6 +180,10 @@ class MpiCommunicator final : public Communicator {
     if (watchdog_) watchdog_->set_collective_timeout(seconds);
   }
 
+  void report_failure(const std::string& message, int exit_code) override {
+    if (watchdog_) watchdog_->report_failure(message, exit_code);
+  }
+
   [[noreturn]] void abort(int exit_code) override {
     MPI_Abort(comm_, exit_code);
     std::abort();

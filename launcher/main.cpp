@@ -1,5 +1,7 @@
 // Entry point of the `qlora` binary: initialises MPI (any launcher, or none), dispatches the
-// subcommand, and turns user-caused errors into one message and exit code 2 on every rank.
+// subcommand, and turns user-caused errors into one message and exit code 2 on every rank. A rank
+// that ends with an error reports it to the others (the fault watchdog), so an error only it saw
+// ends them too, with its message, instead of leaving them waiting in a collective.
 #include <mpi.h>
 
 #include <cstdio>
@@ -64,15 +66,19 @@ int main(int argc, char** argv) {
     } catch (const qlora::UserError& error) {
       if (!error.reported) report_user_error(error.what(), error.hint);
       exit_code = qlora::kExitUserError;
+      communicator->report_failure(error.what(), exit_code);
     } catch (const qlora::launcher::Preempted& error) {
+      // Every rank stops together after the checkpoint barrier: a goodbye, not a failure.
       exit_code = qlora::launcher::kExitPreempted;
     } catch (const qlora::JobError& error) {
       report_user_error(error.what(), "");
       exit_code = qlora::kExitJobError;
+      communicator->report_failure(error.what(), exit_code);
     } catch (const std::exception& error) {
       // Not a user error: a bug or a system failure on this rank. End every rank now rather than
       // leave the others waiting in a collective.
       qlora::log::error(std::string("internal error: ") + error.what());
+      communicator->report_failure(std::string("internal error: ") + error.what(), 1);
       communicator->abort(1);
     }
   }
