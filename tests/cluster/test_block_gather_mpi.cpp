@@ -14,6 +14,7 @@
 
 #include "cluster/block_gather.h"
 #include "cluster/mpi_communicator.h"
+#include "support/world_communicator_test.h"
 
 namespace qlora::cluster {
 namespace {
@@ -59,15 +60,8 @@ std::vector<uint8_t> expected_gathered(const FlatShardLayout& layout, size_t blo
 // The start of the gathered buffer: rank 0's first tensor has codes at offset 0 of the first segment.
 const uint8_t* gathered_base(const GatheredBlock& block) { return block.pieces(0).front().codes; }
 
-class BlockGatherTest : public ::testing::Test {
+class BlockGatherTest : public WorldCommunicatorTest {
  protected:
-  static void SetUpTestSuite() { shared_ = make_mpi_communicator(MPI_COMM_WORLD).release(); }
-  static void TearDownTestSuite() {
-    delete shared_;
-    shared_ = nullptr;
-  }
-  static Communicator& world() { return *shared_; }
-
   // A gatherer over the three blocks with this rank's segments, for a world of `communicator`'s size.
   static std::unique_ptr<BlockGatherer> make_gatherer(Communicator& communicator, int slots) {
     std::vector<FlatShardLayout> layouts;
@@ -116,12 +110,8 @@ class BlockGatherTest : public ::testing::Test {
     for (size_t block : blocks) total += gatherer.layout(block).gathered_bytes();
     return total;
   }
-
- private:
-  static Communicator* shared_;
 };
 
-Communicator* BlockGatherTest::shared_ = nullptr;
 
 // The test is only worth its name if the ranks' segments really differ in length.
 TEST_F(BlockGatherTest, TheTestBlocksHaveSegmentsOfUnevenLengths) {

@@ -17,6 +17,7 @@
 
 #include "cluster/gradient_reducer.h"
 #include "cluster/mpi_communicator.h"
+#include "support/world_communicator_test.h"
 
 namespace qlora::cluster {
 namespace {
@@ -117,20 +118,7 @@ double largest_error_from_mean(const std::vector<torch::Tensor>& parameters, int
   return largest;
 }
 
-class GradientReducerTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { shared_ = make_mpi_communicator(MPI_COMM_WORLD).release(); }
-  static void TearDownTestSuite() {
-    delete shared_;
-    shared_ = nullptr;
-  }
-  static Communicator& world() { return *shared_; }
-
- private:
-  static Communicator* shared_;
-};
-
-Communicator* GradientReducerTest::shared_ = nullptr;
+using GradientReducerTest = WorldCommunicatorTest;
 
 TEST_F(GradientReducerTest, BucketsHoldConsecutiveParametersUpToTheBucketSize) {
   auto first = make_parameters();

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cluster/mpi_communicator.h"
+#include "support/world_communicator_test.h"
 
 namespace qlora::cluster {
 namespace {
@@ -63,15 +64,8 @@ std::vector<float> every_rank_copy(const std::vector<float>& values) {
 }
 
 // One communicator (and so one fault watchdog) for the whole suite: its construction is collective.
-class MpiCommunicatorTest : public ::testing::Test {
+class MpiCommunicatorTest : public WorldCommunicatorTest {
  protected:
-  static void SetUpTestSuite() { shared_ = make_mpi_communicator(MPI_COMM_WORLD).release(); }
-  static void TearDownTestSuite() {
-    delete shared_;
-    shared_ = nullptr;
-  }
-  static Communicator& world() { return *shared_; }
-
   // Gathers with the blocking or the non-blocking form; each rank sends rank_bytes(rank, counts[rank], salt).
   static std::vector<uint8_t> gather(const std::vector<int64_t>& counts, uint32_t salt, bool non_blocking) {
     const auto mine = rank_bytes(world().rank(), counts[world().rank()], salt);
@@ -95,12 +89,7 @@ class MpiCommunicatorTest : public ::testing::Test {
     expected.push_back(0xA5);
     return expected;
   }
-
- private:
-  static Communicator* shared_;
 };
-
-Communicator* MpiCommunicatorTest::shared_ = nullptr;
 
 TEST_F(MpiCommunicatorTest, ReportsTheRankAndSizeOfItsMpiCommunicator) {
   int rank = -1;

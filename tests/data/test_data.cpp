@@ -20,23 +20,9 @@ namespace qlora::data {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string source_dir() {
-  const char* source = std::getenv("QLORA_SOURCE_DIR");
-  return source != nullptr ? source : ".";
-}
-
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-void write_file(const fs::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
+using testing_support::read_file;
+using testing_support::source_dir;
+using testing_support::write_file;
 
 std::unique_ptr<Tokenizer> fixture_tokenizer(shard::TokenizerSource* source) {
   source->kind = "tokenizer.json";

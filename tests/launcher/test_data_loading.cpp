@@ -19,16 +19,8 @@ namespace qlora::launcher {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string source_dir() {
-  const char* source = std::getenv("QLORA_SOURCE_DIR");
-  return source != nullptr ? source : ".";
-}
-
-void write_file(const fs::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
+using testing_support::source_dir;
+using testing_support::write_file;
 
 std::vector<int64_t> all_tokens(const data::TokenStream& stream) {
   std::vector<int64_t> tokens(static_cast<size_t>(stream.size()));

@@ -17,6 +17,12 @@ std::string synthetic_store(const std::string& preset, int64_t blocksize = 64, M
 // The built `qlora` binary (from the QLORA_BINARY environment variable CTest sets).
 std::string qlora_binary();
 
+// The source tree (QLORA_SOURCE_DIR, which CTest sets; "." otherwise), for fixtures and sample text.
+std::string source_dir();
+// Whole-file reads and writes for test inputs; write_file creates missing parent folders.
+std::string read_file(const std::string& path);
+void write_file(const std::string& path, const std::string& text);
+
 // Runs a shell command, capturing stdout+stderr; returns the exit code (not the wait status).
 int run_command(const std::string& command, std::string* output);
 
