@@ -3,6 +3,7 @@
 
 #include "shard/safetensors.h"
 
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -16,6 +17,46 @@ const std::vector<std::string>& block_linear_names() {
 }
 
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
+
+namespace {
+
+// Fields every later layer divides by, allocates from or exponentiates: a zero, negative or absurd
+// value here must end as a message naming the field, not as a crash or a petabyte allocation.
+void check_ranges(const ModelConfig& config, bool head_dim_given, const std::string& source) {
+  auto bounded = [&](const char* field, int64_t value, int64_t most) {
+    if (value < 1 || value > most)
+      throw FormatError(source + ": " + field + " is " + std::to_string(value) + ", outside 1.." +
+                        std::to_string(most));
+  };
+  bounded("hidden_size", config.hidden_size, int64_t{1} << 20);
+  bounded("intermediate_size", config.intermediate_size, int64_t{1} << 22);
+  bounded("num_hidden_layers", config.num_hidden_layers, 4096);
+  bounded("num_attention_heads", config.num_attention_heads, 4096);
+  bounded("num_key_value_heads", config.num_key_value_heads, config.num_attention_heads);
+  bounded("vocab_size", config.vocab_size, int64_t{1} << 24);
+  bounded("max_position_embeddings", config.max_position_embeddings, int64_t{1} << 26);
+  if (!head_dim_given && config.hidden_size % config.num_attention_heads != 0)
+    throw FormatError(source + ": hidden_size (" + std::to_string(config.hidden_size) +
+                      ") is not a multiple of num_attention_heads (" + std::to_string(config.num_attention_heads) +
+                      ") and no head_dim is given");
+  bounded("head_dim", config.head_dim, 4096);
+  bounded("num_attention_heads x head_dim", config.num_attention_heads * config.head_dim, int64_t{1} << 20);
+  auto positive = [&](const char* field, double value) {
+    if (!(value > 0.0) || !std::isfinite(value))
+      throw FormatError(source + ": " + field + " must be a positive finite number, not " + std::to_string(value));
+  };
+  positive("rms_norm_eps", config.rms_norm_eps);
+  positive("rope_theta", config.rope_theta);
+  if (!config.rope_scaling.type.empty()) {
+    positive("rope_scaling.factor", config.rope_scaling.factor);
+    positive("rope_scaling.low_freq_factor", config.rope_scaling.low_freq_factor);
+    positive("rope_scaling.high_freq_factor", config.rope_scaling.high_freq_factor);
+    bounded("rope_scaling.original_max_position_embeddings", config.rope_scaling.original_max_position_embeddings,
+            int64_t{1} << 26);
+  }
+}
+
+}  // namespace
 
 ModelConfig ModelConfig::from_json(const Json& json, const std::string& source) {
   if (!json.is_object()) throw FormatError(source + ": the model config is not a JSON object");
@@ -63,6 +104,7 @@ ModelConfig ModelConfig::from_json(const Json& json, const std::string& source) 
     config.rope_scaling.original_max_position_embeddings =
         json_int_or(scaling, "original_max_position_embeddings", 8192, scaling_source);
   }
+  check_ranges(config, json.contains("head_dim") && !json.at("head_dim").is_null(), source);
   if (config.num_attention_heads % config.num_key_value_heads != 0)
     throw FormatError(source + ": num_attention_heads (" + std::to_string(config.num_attention_heads) +
                       ") is not a multiple of num_key_value_heads (" +
