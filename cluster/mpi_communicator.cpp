@@ -4,6 +4,7 @@
 // lost rank or a wait past --collective-timeout aborts the job instead of hanging it.
 #include "cluster/mpi_communicator.h"
 
+#include <algorithm>
 #include <cassert>
 #include <climits>
 #include <cstdio>
@@ -15,11 +16,16 @@
 namespace qlora::cluster {
 
 double Communicator::all_reduce_scalar(double value, ReduceOp op) {
-  float as_float[2] = {static_cast<float>(value), 0.0f};
-  // Keep double precision: split into a float head and the float residual.
-  as_float[1] = static_cast<float>(value - static_cast<double>(as_float[0]));
-  all_reduce(as_float, 2, op);
-  return static_cast<double>(as_float[0]) + static_cast<double>(as_float[1]);
+  // Every rank's double, combined in rank order: exact for max, double precision for sums, the same
+  // bits on every rank, and any backend's all-gather serves (a float all-reduce of a head and a
+  // residual kept only float precision and could return a max above every input).
+  const int world = size();
+  std::vector<double> values(static_cast<size_t>(world));
+  all_gather(&value, values.data(), std::vector<int64_t>(static_cast<size_t>(world), sizeof(double)));
+  double result = values[0];
+  for (int rank = 1; rank < world; ++rank)
+    result = op == ReduceOp::max ? std::max(result, values[rank]) : result + values[rank];
+  return op == ReduceOp::average ? result / world : result;
 }
 
 namespace {

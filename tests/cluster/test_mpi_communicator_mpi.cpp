@@ -228,20 +228,19 @@ TEST_F(MpiCommunicatorTest, ZeroLengthAllReduceLeavesTheBufferAlone) {
   }
 }
 
-// The scalar form carries a double as a float head plus a float residual. When the heads sum exactly
-// (here every head is 1024), the result keeps far more than float precision: a float-only reduction
-// would lose these 1e-7 differences entirely (the float spacing at 1024 is 1.2e-4).
-// Found while writing this test: when the heads do not sum exactly in float (e.g. 1/3 on three ranks)
-// the head's rounding is kept and the result is only float-accurate (relative 6e-8), so "keeps double
-// precision" holds for this case only (reported; the loss log is its one user and prints 4 digits).
-TEST_F(MpiCommunicatorTest, ScalarAllReduceKeepsTheResidualBeyondFloatPrecision) {
+// The scalar form keeps double precision whatever the values: 1/3 + 0.0123 r does not sum exactly in
+// float (the old float head + residual form was off by 3e-8 relative here), and the max of values
+// 3e-8 apart must be one of them, bit for bit (the old form could return more than every input).
+TEST_F(MpiCommunicatorTest, ScalarAllReduceKeepsDoublePrecisionAndAnExactMax) {
   const int world_size = world().size();
-  const auto value_of = [](int rank) { return 1024.0 + 1e-7 * (rank + 1) + 3e-9 * rank * rank; };
+  const auto value_of = [](int rank) { return 1.0 / 3.0 + 0.0123 * rank; };
   double sum = 0.0;
   for (int r = 0; r < world_size; ++r) sum += value_of(r);
   const double mine = value_of(world().rank());
-  EXPECT_NEAR(world().all_reduce_scalar(mine, ReduceOp::sum), sum, 1e-11);
-  EXPECT_NEAR(world().all_reduce_scalar(mine, ReduceOp::average), sum / world_size, 1e-11);
+  EXPECT_NEAR(world().all_reduce_scalar(mine, ReduceOp::sum), sum, 1e-15);
+  EXPECT_NEAR(world().all_reduce_scalar(mine, ReduceOp::average), sum / world_size, 1e-15);
+  const auto close_of = [](int rank) { return 1.0 + 4e-8 + 3e-8 * rank; };
+  EXPECT_EQ(world().all_reduce_scalar(close_of(world().rank()), ReduceOp::max), close_of(world_size - 1));
 }
 
 TEST_F(MpiCommunicatorTest, BroadcastDeliversTheRootsBytesFromEveryRoot) {
