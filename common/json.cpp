@@ -106,7 +106,7 @@ int64_t json_as_int(const Json& value, const std::string& what) {
     constexpr double kTwoTo63 = 9223372036854775808.0;
     const double number = value.get<double>();
     if (std::trunc(number) == number && number >= -kTwoTo63 && number < kTwoTo63) return static_cast<int64_t>(number);
-    throw FormatError(what + " must be an integer, not " + value.dump());
+    throw FormatError(what + " must be an integer, not " + dump_json(value));
   }
   throw FormatError(what + " must be an integer, not " + kind_of(value));
 }

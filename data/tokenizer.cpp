@@ -128,7 +128,7 @@ std::unique_ptr<Tokenizer> parse_tokenizer_json(const std::string& json_text, co
   }
   for (const Json& merge : array_field(model, "merges", where)) {
     if (merge.is_array()) {
-      if (merge.size() < 2) throw FormatError(where + ": merge " + merge.dump() + " is not a pair of tokens");
+      if (merge.size() < 2) throw FormatError(where + ": merge " + dump_json(merge) + " is not a pair of tokens");
       spec.merges.emplace_back(text_of(merge[0], where + ": a merge"), text_of(merge[1], where + ": a merge"));
       continue;
     }

@@ -112,13 +112,6 @@ int count_open_sockets() {
   return sockets;
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
 double seconds(int64_t nanoseconds) { return static_cast<double>(nanoseconds) * 1e-9; }
 
 // What a rank does once every rank is set up, and after the test says go. Returning ends the rank
@@ -214,7 +207,7 @@ class World {
     }
     for (int rank = 0; rank < forked_; ++rank) {
       outcome.results.push_back(world_->results[rank]);
-      outcome.logs.push_back(read_text(log_path(rank)));
+      outcome.logs.push_back(testing_support::read_file(log_path(rank)));
     }
     outcome.go_at = world_->go_at.load();
     outcome.setup_seconds = setup_seconds_;
@@ -563,7 +556,7 @@ MpirunJob run_failing_job(const std::string& name, const std::string& arguments)
   std::string ignored;
   testing_support::run_command(command, &ignored);
   MpirunJob job;
-  job.output = read_text(log);
+  job.output = testing_support::read_file(log);
   const auto exit_at = job.output.rfind("exit=");
   const auto ended_at = job.output.rfind("ended=");
   const auto reported_at = job.output.find("failure reported at ");
