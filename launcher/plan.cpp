@@ -394,28 +394,28 @@ std::vector<FitPoint> fit_search(const std::string& model_name, const shard::Mod
 }
 
 namespace {
-std::string bytes_text(int64_t bytes) { return format_bytes(bytes); }
-
+// Each per-rank figure as the table labels it and plan.json names it.
 struct Field {
   const char* label;
+  const char* json_key;
   int64_t RankPlan::*member;
 };
 const std::vector<Field>& fields() {
   static const std::vector<Field> list = {
-      {"quantized weights (4-bit shard)", &RankPlan::quantized_weights},
-      {"replicated parameters", &RankPlan::replicated_parameters},
-      {"embeddings + LM head", &RankPlan::embeddings},
-      {"adapters", &RankPlan::adapters},
-      {"gradients (+ reduce buckets)", &RankPlan::gradients},
-      {"optimizer state", &RankPlan::optimizer_state},
-      {"gather buffers", &RankPlan::gather_buffers},
-      {"activations, forward peak", &RankPlan::forward_activations},
-      {"activations, backward peak", &RankPlan::backward_activations},
-      {"  of which logits chunk", &RankPlan::logits},
-      {"activations with checkpointing", &RankPlan::activations_checkpointed},
-      {"activations without checkpointing", &RankPlan::activations_full},
-      {"peak", &RankPlan::peak},
-      {"host memory (offloaded shards)", &RankPlan::offloaded},
+      {"quantized weights (4-bit shard)", "quantized_weights", &RankPlan::quantized_weights},
+      {"replicated parameters", "replicated_parameters", &RankPlan::replicated_parameters},
+      {"embeddings + LM head", "embeddings", &RankPlan::embeddings},
+      {"adapters", "adapters", &RankPlan::adapters},
+      {"gradients (+ reduce buckets)", "gradients", &RankPlan::gradients},
+      {"optimizer state", "optimizer_state", &RankPlan::optimizer_state},
+      {"gather buffers", "gather_buffers", &RankPlan::gather_buffers},
+      {"activations, forward peak", "forward_activations", &RankPlan::forward_activations},
+      {"activations, backward peak", "backward_activations", &RankPlan::backward_activations},
+      {"  of which logits chunk", "logits", &RankPlan::logits},
+      {"activations with checkpointing", "activations_checkpointed", &RankPlan::activations_checkpointed},
+      {"activations without checkpointing", "activations_full", &RankPlan::activations_full},
+      {"peak", "peak", &RankPlan::peak},
+      {"host memory (offloaded shards)", "offloaded", &RankPlan::offloaded},
   };
   return list;
 }
@@ -463,7 +463,7 @@ std::string format_plan(const Plan& plan) {
     out << line;
     if (every_rank) {
       for (const auto& row : plan.ranks) {
-        std::snprintf(line, sizeof line, "%12s", bytes_text(row.*field.member).c_str());
+        std::snprintf(line, sizeof line, "%12s", format_bytes(row.*field.member).c_str());
         out << line;
       }
     } else {
@@ -474,8 +474,8 @@ std::string format_plan(const Plan& plan) {
         high = std::max(high, row.*field.member);
         sum += static_cast<double>(row.*field.member);
       }
-      std::snprintf(line, sizeof line, "%12s%12s%12s", bytes_text(low).c_str(), bytes_text(high).c_str(),
-                    bytes_text(static_cast<int64_t>(sum / static_cast<double>(plan.ranks.size()))).c_str());
+      std::snprintf(line, sizeof line, "%12s%12s%12s", format_bytes(low).c_str(), format_bytes(high).c_str(),
+                    format_bytes(static_cast<int64_t>(sum / static_cast<double>(plan.ranks.size()))).c_str());
       out << line;
     }
     out << "\n";
@@ -484,18 +484,18 @@ std::string format_plan(const Plan& plan) {
   std::snprintf(line, sizeof line,
                 "communication per rank and step: %s all-gathered 4-bit blocks, %s all-reduced gradients, %s "
                 "vocabulary-parallel embedding and loss\n",
-                bytes_text(plan.gather_bytes_per_step).c_str(), bytes_text(plan.reduce_bytes_per_step).c_str(),
-                bytes_text(plan.vocab_parallel_bytes_per_step).c_str());
+                format_bytes(plan.gather_bytes_per_step).c_str(), format_bytes(plan.reduce_bytes_per_step).c_str(),
+                format_bytes(plan.vocab_parallel_bytes_per_step).c_str());
   out << line;
   if (job.device_memory > 0) {
     std::snprintf(line, sizeof line, "needs %s per rank (peak %s + overhead %s) of %s: %s\n",
-                  bytes_text(plan.required_bytes).c_str(), bytes_text(plan.peak_bytes).c_str(),
-                  bytes_text(job.overhead).c_str(), bytes_text(job.device_memory).c_str(),
+                  format_bytes(plan.required_bytes).c_str(), format_bytes(plan.peak_bytes).c_str(),
+                  format_bytes(job.overhead).c_str(), format_bytes(job.device_memory).c_str(),
                   plan.fits ? "FITS" : "DOES NOT FIT");
   } else {
     std::snprintf(line, sizeof line, "needs %s per rank (peak %s + overhead %s); give --device-memory to check a fit\n",
-                  bytes_text(plan.required_bytes).c_str(), bytes_text(plan.peak_bytes).c_str(),
-                  bytes_text(job.overhead).c_str());
+                  format_bytes(plan.required_bytes).c_str(), format_bytes(plan.peak_bytes).c_str(),
+                  format_bytes(job.overhead).c_str());
   }
   out << line;
   return out.str();
@@ -549,21 +549,8 @@ Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
   for (const auto& row : plan.ranks) {
     Json entry;
     entry["rank"] = row.rank;
-    entry["quantized_weights"] = row.quantized_weights;
-    entry["replicated_parameters"] = row.replicated_parameters;
-    entry["embeddings"] = row.embeddings;
-    entry["adapters"] = row.adapters;
-    entry["gradients"] = row.gradients;
-    entry["optimizer_state"] = row.optimizer_state;
-    entry["gather_buffers"] = row.gather_buffers;
-    entry["forward_activations"] = row.forward_activations;
-    entry["backward_activations"] = row.backward_activations;
-    entry["activations_checkpointed"] = row.activations_checkpointed;
-    entry["activations_full"] = row.activations_full;
-    entry["logits"] = row.logits;
+    for (const auto& field : fields()) entry[field.json_key] = row.*field.member;
     entry["resident"] = row.resident;
-    entry["peak"] = row.peak;
-    entry["offloaded"] = row.offloaded;
     ranks.push_back(entry);
   }
   json["per_rank"] = ranks;

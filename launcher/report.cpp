@@ -13,6 +13,7 @@
 #include <map>
 #include <sstream>
 
+#include "cluster/memory_report.h"
 #include "common/atomic_file.h"
 #include "launcher/adapter_io.h"
 #include "launcher/errors.h"
@@ -108,27 +109,10 @@ void read_memory(const std::string& path, RunRecord& run) {
   const std::string hint = "the file is damaged; qlora train writes it again at the end of a run";
   const Json root = parse_json_file(path, hint);
   try {
-    const auto ranks = root.is_object() ? root.find("ranks") : root.end();
-    if (ranks == root.end() || !ranks->is_array()) throw FormatError(path + ": no \"ranks\" array");
-    for (const auto& entry : *ranks) {
-      cluster::MemoryReport report;
-      report.rank = static_cast<int>(json_int(entry, "rank", path));
-      report.quantized_weights = json_int_or(entry, "quantized_weights_bytes", 0, path);
-      report.replicated_parameters = json_int_or(entry, "replicated_parameters_bytes", 0, path);
-      report.adapters = json_int_or(entry, "adapters_bytes", 0, path);
-      report.gradients = json_int_or(entry, "gradients_bytes", 0, path);
-      report.optimizer_state = json_int_or(entry, "optimizer_state_bytes", 0, path);
-      report.gather_buffers = json_int_or(entry, "gather_buffers_bytes", 0, path);
-      report.forward_activation_peak = json_int_or(entry, "forward_activation_peak_bytes", 0, path);
-      report.backward_activation_peak = json_int_or(entry, "backward_activation_peak_bytes", 0, path);
-      report.peak_total = json_int_or(entry, "peak_total_bytes", 0, path);
-      run.memory.push_back(report);
-    }
+    run.memory = cluster::parse_memory_reports(root, path);
   } catch (const FormatError& error) {
     throw UserError(error.what(), hint);
   }
-  std::sort(run.memory.begin(), run.memory.end(),
-            [](const auto& a, const auto& b) { return a.rank < b.rank; });
 }
 
 // ---- formatting ----------------------------------------------------------------------------------
@@ -165,29 +149,10 @@ ByteUnit unit_for(double largest) {
   return {"KiB", 1024.0};
 }
 
-struct MemoryColumn {
-  const char* name;
-  int64_t cluster::MemoryReport::*field;
-};
-const std::vector<MemoryColumn>& memory_columns() {
-  static const std::vector<MemoryColumn> columns = {
-      {"quantized weights", &cluster::MemoryReport::quantized_weights},
-      {"replicated parameters", &cluster::MemoryReport::replicated_parameters},
-      {"adapters", &cluster::MemoryReport::adapters},
-      {"gradients", &cluster::MemoryReport::gradients},
-      {"optimizer state", &cluster::MemoryReport::optimizer_state},
-      {"gather buffers", &cluster::MemoryReport::gather_buffers},
-      {"forward activation peak", &cluster::MemoryReport::forward_activation_peak},
-      {"backward activation peak", &cluster::MemoryReport::backward_activation_peak},
-      {"peak total", &cluster::MemoryReport::peak_total},
-  };
-  return columns;
-}
-
 double largest_memory_figure(const std::vector<cluster::MemoryReport>& reports) {
   double largest = 0;
   for (const auto& report : reports)
-    for (const auto& column : memory_columns()) largest = std::max(largest, static_cast<double>(report.*column.field));
+    for (const auto& field : cluster::memory_fields()) largest = std::max(largest, static_cast<double>(report.*field.member));
   return largest;
 }
 
@@ -405,21 +370,21 @@ std::string report_markdown(const RunRecord& run, const ReportImages& images) {
     md << "Measured by the counting allocator, in " << unit.name
        << ". The activation peaks are above the resident state (weights, adapters, gradients, optimizer); "
           "peak total is the allocator's peak over the whole run.\n\n| rank |";
-    for (const auto& column : memory_columns()) md << " " << column.name << " |";
+    for (const auto& field : cluster::memory_fields()) md << " " << field.description << " |";
     md << "\n|---:|";
-    for (size_t i = 0; i < memory_columns().size(); ++i) md << "---:|";
+    for (size_t i = 0; i < cluster::memory_fields().size(); ++i) md << "---:|";
     md << "\n";
     for (const auto& report : run.memory) {
       md << "| " << report.rank << " |";
-      for (const auto& column : memory_columns())
-        md << " " << format("%.2f", static_cast<double>(report.*column.field) / unit.bytes) << " |";
+      for (const auto& field : cluster::memory_fields())
+        md << " " << format("%.2f", static_cast<double>(report.*field.member) / unit.bytes) << " |";
       md << "\n";
     }
     std::vector<double> lows, highs, means;
-    for (const auto& column : memory_columns()) {
+    for (const auto& field : cluster::memory_fields()) {
       double low = INFINITY, high = -INFINITY, sum = 0;
       for (const auto& report : run.memory) {
-        const double value = static_cast<double>(report.*column.field);
+        const double value = static_cast<double>(report.*field.member);
         low = std::min(low, value);
         high = std::max(high, value);
         sum += value;

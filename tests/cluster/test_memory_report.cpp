@@ -91,5 +91,19 @@ TEST(MemoryReportJson, PrettyPrintedWithSortedKeysInBytes) {
             "{\n  \"measured_by\": \"counting CPU allocator (LibTorch tensors)\",\n  \"ranks\": []\n}\n");
 }
 
+TEST(MemoryReport, JsonReadsBackEveryFigureSortedByRank) {
+  auto reports = two_ranks();
+  std::swap(reports[0], reports[1]);
+  const auto read = parse_memory_reports(parse_json(memory_reports_json(reports), "memory.json"), "memory.json");
+  ASSERT_EQ(read.size(), 2u);
+  for (size_t i = 0; i < read.size(); ++i) {
+    EXPECT_EQ(read[i].rank, two_ranks()[i].rank);
+    for (const auto& field : memory_fields()) EXPECT_EQ(read[i].*field.member, two_ranks()[i].*field.member) << field.json_key;
+  }
+  EXPECT_THROW(parse_memory_reports(parse_json("{\"ranks\": 3}", "memory.json"), "memory.json"), FormatError);
+  EXPECT_THROW(parse_memory_reports(parse_json("{\"ranks\": [{\"rank\": \"x\"}]}", "memory.json"), "memory.json"),
+               FormatError);
+}
+
 }  // namespace
 }  // namespace qlora::cluster
