@@ -40,6 +40,7 @@ class Communicator {
   // Upper bound in seconds on one blocking wait for the other ranks (0: none); past it the job is
   // aborted naming the call. Backends without a watchdog ignore it.
   virtual void set_collective_timeout(double /*seconds*/) {}
+  virtual double collective_timeout() const { return 0.0; }
   // This rank is about to exit with `exit_code` (not 0) because of `message`: backends with a fault
   // watchdog tell the other ranks, so those still working end the job with that code and message
   // instead of waiting in a collective. Backends without one ignore it.
@@ -53,6 +54,24 @@ class Communicator {
   virtual void all_reduce(float* data, int64_t count, ReduceOp op) { all_reduce_async(data, count, op)->wait(); }
   // All-reduce of one scalar, for losses and flags.
   double all_reduce_scalar(double value, ReduceOp op);
+};
+
+// Lifts the collective timeout for a phase whose length grows with the data rather than with a
+// fault (rank 0 tokenizing a corpus while the others wait for it); the watchdog still ends the
+// job within seconds when a rank is lost. The previous bound returns when the phase ends.
+class UnboundedWait {
+ public:
+  explicit UnboundedWait(Communicator& communicator)
+      : communicator_(communicator), saved_seconds_(communicator.collective_timeout()) {
+    communicator_.set_collective_timeout(0.0);
+  }
+  ~UnboundedWait() { communicator_.set_collective_timeout(saved_seconds_); }
+  UnboundedWait(const UnboundedWait&) = delete;
+  UnboundedWait& operator=(const UnboundedWait&) = delete;
+
+ private:
+  Communicator& communicator_;
+  double saved_seconds_;
 };
 
 }  // namespace qlora::cluster

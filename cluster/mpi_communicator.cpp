@@ -185,6 +185,7 @@ class MpiCommunicator final : public Communicator {
   void set_collective_timeout(double seconds) override {
     if (watchdog_) watchdog_->set_collective_timeout(seconds);
   }
+  double collective_timeout() const override { return watchdog_ ? watchdog_->collective_timeout() : 0.0; }
 
   void report_failure(const std::string& message, int exit_code) override {
     if (watchdog_) watchdog_->report_failure(message, exit_code);

@@ -328,7 +328,6 @@ class ByteLevelBpe final : public Tokenizer {
   }
 
   std::vector<int32_t> encode(std::string_view text) const override {
-    std::lock_guard<std::mutex> lock(mutex_);
     std::vector<int32_t> ids;
     std::vector<Segment> segments{{0, text.size(), -1}};
     segments = non_special_.split(text, special_.split(text, segments));
@@ -393,10 +392,14 @@ class ByteLevelBpe final : public Tokenizer {
   }
 
   void encode_word(std::string_view word, std::vector<int32_t>& ids) const {
-    const auto cached = cache_.find(std::string(word));
-    if (cached != cache_.end()) {
-      ids.insert(ids.end(), cached->second.begin(), cached->second.end());
-      return;
+    CacheStripe& stripe = cache_[std::hash<std::string_view>{}(word) % kCacheStripes];
+    {
+      std::lock_guard<std::mutex> lock(stripe.mutex);
+      const auto cached = stripe.words.find(std::string(word));
+      if (cached != stripe.words.end()) {
+        ids.insert(ids.end(), cached->second.begin(), cached->second.end());
+        return;
+      }
     }
     std::vector<int32_t> result;
     if (ignore_merges_) {
@@ -406,8 +409,11 @@ class ByteLevelBpe final : public Tokenizer {
       if (whole != vocab_.end()) result.push_back(whole->second);
     }
     if (result.empty()) merge_word(word, result);
-    if (cache_.size() > kCacheLimit) cache_.clear();
-    cache_.emplace(std::string(word), result);
+    {
+      std::lock_guard<std::mutex> lock(stripe.mutex);
+      if (stripe.words.size() > kCacheLimit / kCacheStripes) stripe.words.clear();
+      stripe.words.emplace(std::string(word), result);
+    }
     ids.insert(ids.end(), result.begin(), result.end());
   }
 
@@ -446,6 +452,13 @@ class ByteLevelBpe final : public Tokenizer {
   }
 
   static constexpr size_t kCacheLimit = 1 << 20;
+  // Words already merged, split into independently locked stripes so that threads encoding
+  // different pieces of a corpus rarely wait for each other.
+  static constexpr size_t kCacheStripes = 64;
+  struct CacheStripe {
+    std::mutex mutex;
+    std::unordered_map<std::string, std::vector<int32_t>> words;
+  };
 
   std::string kind_;
   std::vector<PreTokenizerStep> steps_;
@@ -460,8 +473,7 @@ class ByteLevelBpe final : public Tokenizer {
   std::vector<std::string> decoded_;
   std::array<int32_t, 256> byte_ids_{};
   std::unordered_map<uint64_t, MergeRule> merges_;
-  mutable std::mutex mutex_;
-  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+  mutable std::array<CacheStripe, kCacheStripes> cache_;
 };
 
 }  // namespace

@@ -6,10 +6,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <thread>
 
 #include "common/errors.h"
 #include "common/hash.h"
@@ -26,6 +30,31 @@ constexpr const char* kTokenFormat = "qlora-tokens";
 constexpr int64_t kTokenFormatVersion = 1;
 constexpr hsize_t kChunkTokens = 65536;
 constexpr size_t kReadBlock = 4 << 20;
+
+std::string host_name() {
+  char name[256] = {};
+  if (gethostname(name, sizeof name - 1) != 0) return "host";
+  return name;
+}
+
+// The temporary a writer of `path` uses: "<path>.partial-<host>-<pid>".
+std::string partial_prefix(const std::string& path) { return path + ".partial-" + host_name() + "-"; }
+
+// Removes the temporaries of `path` written on this host by processes that no longer exist (a run
+// killed while tokenizing, e.g. by a collective timeout); those of live processes are left alone.
+void remove_abandoned_partials(const std::string& path) {
+  const std::string prefix = fs::path(partial_prefix(path)).filename().string();
+  std::error_code error;
+  const fs::path folder = fs::path(path).parent_path().empty() ? fs::path(".") : fs::path(path).parent_path();
+  for (const auto& entry : fs::directory_iterator(folder, error)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    const std::string pid_text = name.substr(prefix.size());
+    if (pid_text.empty() || pid_text.find_first_not_of("0123456789") != std::string::npos) continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(pid_text));
+    if (::kill(pid, 0) != 0 && errno == ESRCH) fs::remove(entry.path(), error);
+  }
+}
 
 // FNV-1a over each file's path relative to the source, its size and its bytes.
 std::string source_checksum(const std::string& data_path, const std::vector<fs::path>& files, uint64_t* total_bytes) {
@@ -52,7 +81,7 @@ class TokenFileWriter {
  public:
   // An empty path makes a writer that is not ok().
   explicit TokenFileWriter(const std::string& path)
-      : path_(path), partial_(path + ".partial-" + std::to_string(getpid())) {
+      : path_(path), partial_(partial_prefix(path) + std::to_string(getpid())) {
     shard::h5::silence_hdf5_errors();
     if (path.empty()) return;
     file_ = H5Fcreate(partial_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
@@ -155,11 +184,13 @@ size_t safe_cut(const std::string& buffer) {
   return 0;
 }
 
-void tokenize_file(const fs::path& file, const Tokenizer& tokenizer, TokenFileWriter& writer) {
+// Reads `file` in pieces cut at safe places and hands them, in order, to `consume`.
+template <typename Consume>
+void for_each_piece(const fs::path& file, size_t piece_bytes, Consume consume) {
   std::ifstream in(file, std::ios::binary);
   if (!in) throw UserError("cannot read data file " + file.string(), "check the path and its permissions");
   std::string buffer;
-  std::vector<char> block(kReadBlock);
+  std::vector<char> block(piece_bytes);
   while (true) {
     in.read(block.data(), static_cast<std::streamsize>(block.size()));
     buffer.append(block.data(), static_cast<size_t>(in.gcount()));
@@ -168,13 +199,35 @@ void tokenize_file(const fs::path& file, const Tokenizer& tokenizer, TokenFileWr
     size_t cut = at_end ? buffer.size() : safe_cut(buffer);
     // A single line longer than the read size: give up on a safe cut rather than grow without bound.
     if (cut == 0) {
-      if (buffer.size() < 16 * kReadBlock) continue;
+      if (buffer.size() < 16 * piece_bytes) continue;
       cut = buffer.size();
     }
-    writer.append(tokenizer.encode(std::string_view(buffer).substr(0, cut)));
+    consume(buffer.substr(0, cut));
     buffer.erase(0, cut);
     if (at_end) break;
   }
+}
+
+// Encodes the pieces of `file` on `threads` threads, a round of one piece per thread at a time,
+// appending each round's ids in piece order.
+void tokenize_file(const fs::path& file, const Tokenizer& tokenizer, const TokenizeSettings& settings,
+                   TokenFileWriter& writer) {
+  const size_t threads = settings.threads > 0 ? static_cast<size_t>(settings.threads)
+                                              : std::max(1u, std::thread::hardware_concurrency());
+  std::vector<std::string> round;
+  auto encode_round = [&] {
+    std::vector<std::future<std::vector<int32_t>>> encoded;
+    for (size_t i = 1; i < round.size(); ++i)
+      encoded.push_back(std::async(std::launch::async, [&, i] { return tokenizer.encode(round[i]); }));
+    if (!round.empty()) writer.append(tokenizer.encode(round[0]));
+    for (auto& ids : encoded) writer.append(ids.get());
+    round.clear();
+  };
+  for_each_piece(file, std::max<size_t>(settings.piece_bytes, 64), [&](std::string piece) {
+    round.push_back(std::move(piece));
+    if (round.size() == threads) encode_round();
+  });
+  encode_round();
 }
 
 std::string cache_folder() {
@@ -208,7 +261,7 @@ bool is_hdf5_file(const std::string& path) {
 }
 
 TokenCacheResult ensure_token_cache(const std::string& data_path, const Tokenizer& tokenizer,
-                                    const std::string& tokenizer_checksum) {
+                                    const std::string& tokenizer_checksum, const TokenizeSettings& settings) {
   const auto start = std::chrono::steady_clock::now();
   const auto files = text_source_files(data_path);
   TokenCacheResult result;
@@ -224,6 +277,8 @@ TokenCacheResult ensure_token_cache(const std::string& data_path, const Tokenize
     }
   }
   result.path = token_cache_path(data_path);
+  remove_abandoned_partials(result.path);
+  remove_abandoned_partials(fallback_token_cache_path(data_path));
   // A folder without any write permission bit is read-only by intent, even to root (who could write).
   std::error_code error;
   const auto permissions = fs::status(fs::path(result.path).parent_path().empty() ? fs::path(".")
@@ -243,7 +298,7 @@ TokenCacheResult ensure_token_cache(const std::string& data_path, const Tokenize
   const std::vector<int32_t> end_of_text = tokenizer.eos_id() >= 0 ? std::vector<int32_t>{tokenizer.eos_id()}
                                                                     : std::vector<int32_t>{};
   for (const fs::path& file : files) {
-    tokenize_file(file, tokenizer, *writer);
+    tokenize_file(file, tokenizer, settings, *writer);
     writer->append(end_of_text);
   }
   result.tokens = writer->size();

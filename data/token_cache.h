@@ -26,12 +26,22 @@ struct TokenCacheResult {
 std::string token_cache_path(const std::string& data_path);
 std::string fallback_token_cache_path(const std::string& data_path);
 
+// How a corpus is tokenized when its cache is built: pieces of about `piece_bytes` each, cut after a
+// line break, encoded by `threads` threads at once (0: every core) and written in order, so the ids
+// are those of one thread.
+struct TokenizeSettings {
+  int threads = 0;
+  size_t piece_bytes = size_t{4} << 20;
+};
+
 // Returns an up-to-date token file for the text at `data_path` tokenized by `tokenizer` (identified
 // by `tokenizer_checksum`), building it when missing or stale. Documents (files) are separated by
 // the tokenizer's end-of-text token when it has one. Large files are tokenized in pieces cut after
 // a line break that precedes a printable ASCII character, which leaves byte-level BPE ids unchanged.
+// The file is written under a temporary name holding this host and process id and renamed when
+// complete; temporaries that a killed run left behind (its process gone) are removed first.
 TokenCacheResult ensure_token_cache(const std::string& data_path, const Tokenizer& tokenizer,
-                                    const std::string& tokenizer_checksum);
+                                    const std::string& tokenizer_checksum, const TokenizeSettings& settings = {});
 
 // True when `path` is an HDF5 file (pre-tokenized input rather than text).
 bool is_hdf5_file(const std::string& path);

@@ -19,7 +19,8 @@ class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
   // Ids for `text` as the reference implementation gives them with add_special_tokens=False:
-  // special tokens written in the text are recognised, none are added.
+  // special tokens written in the text are recognised, none are added. Safe to call from several
+  // threads at once (the token cache encodes pieces of a corpus in parallel).
   virtual std::vector<int32_t> encode(std::string_view text) const = 0;
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
   // One past the largest id the tokenizer can produce.

@@ -2,6 +2,7 @@
 // cache while the others wait, then every rank opens the same token file.
 #include "launcher/data_loading.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "common/log.h"
@@ -17,7 +18,9 @@ std::shared_ptr<data::TokenStream> load_data_tokens(const std::string& data_path
   const int64_t model_vocabulary = store.header().config.vocab_size;
   std::shared_ptr<data::TokenStream> stream;
   std::string token_file;
-  // Rank 0 tokenizes (or checks the cache) while the others wait; everyone learns the file's path.
+  // Rank 0 tokenizes (or checks the cache, or scans a foreign token file) while the others wait, for
+  // as long as the corpus needs; everyone learns the file's path.
+  const cluster::UnboundedWait tokenizing(communicator);
   run_collectively(communicator, [&] {
     if (!data_path.empty() && data::is_hdf5_file(data_path)) {
       token_file = data_path;
@@ -38,10 +41,11 @@ std::shared_ptr<data::TokenStream> load_data_tokens(const std::string& data_path
     token_file = cache.path;
     if (!quiet) {
       char line[512];
-      std::snprintf(line, sizeof line, "data: %s %s %s (%lld tokens from %.1f MB of text, %s tokenizer, %.2f s)",
+      std::snprintf(line, sizeof line, "data: %s %s %s (%lld tokens from %.1f MB of text, %s tokenizer, %.2f s, %.1f MB/s)",
                     data_path.c_str(), cache.built ? "tokenized into" : "reusing", cache.path.c_str(),
                     static_cast<long long>(cache.tokens), static_cast<double>(cache.source_bytes) / 1e6,
-                    tokenizer->kind().c_str(), cache.seconds);
+                    tokenizer->kind().c_str(), cache.seconds,
+                    static_cast<double>(cache.source_bytes) / 1e6 / std::max(cache.seconds, 1e-9));
       log::banner(line);
     }
   });

@@ -203,6 +203,33 @@ void communicator_wait_scenario(const std::string& call) {
   ADD_FAILURE() << "the " << call << " returned without rank 1";
 }
 
+// Rank 1 is busy for 2.5 s (as rank 0 is while tokenizing a corpus) under a 1 s timeout: inside an
+// UnboundedWait the others wait it out; afterwards the bound is back and ends the next long wait.
+TEST(WatchdogScenario, UnboundedWaitOutlastsTheTimeout) {
+  if (!in_scenario()) GTEST_SKIP() << "started by FaultWatchdog.AnUnboundedWaitLiftsTheTimeoutUntilItEnds";
+  int rank = 0, world = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  log::set_rank(rank, world);
+  auto communicator = make_mpi_communicator(MPI_COMM_WORLD);
+  communicator->set_collective_timeout(1.0);
+  {
+    const UnboundedWait busy(*communicator);
+    EXPECT_EQ(communicator->collective_timeout(), 0.0);
+    if (rank == 1) sleep_seconds(2.5);
+    communicator->barrier();
+  }
+  EXPECT_EQ(communicator->collective_timeout(), 1.0);
+  mark("waited out");
+  if (rank == 1) {
+    sleep_seconds(30.0);
+    ADD_FAILURE() << "rank 1 was not ended by rank 0's abort";
+    return;
+  }
+  communicator->barrier();
+  ADD_FAILURE() << "the barrier returned without rank 1";
+}
+
 TEST(WatchdogScenario, CommunicatorBarrierWithoutPeer) {
   if (!in_scenario()) GTEST_SKIP() << "started by FaultWatchdog.CommunicatorWaitsAreNamedWhenTheyTimeOut";
   communicator_wait_scenario("barrier");
@@ -297,6 +324,14 @@ TEST(FaultWatchdog, OnlyAWaitPastTheCollectiveTimeoutAbortsNamingTheCall) {
   std::printf("collective timeout reported %.2f s into the wait\n", reported);
   EXPECT_GT(reported, 0.8) << run.output;
   EXPECT_LT(reported, 2.05) << run.output;
+}
+
+TEST(FaultWatchdog, AnUnboundedWaitLiftsTheTimeoutUntilItEnds) {
+  if (in_scenario()) GTEST_SKIP();
+  const ScenarioRun run = run_scenario("UnboundedWaitOutlastsTheTimeout", 2);
+  EXPECT_FALSE(std::isnan(run.marked("waited out"))) << run.output;
+  EXPECT_TRUE(run.contains("[rank 0] error: MPI_Barrier has waited ")) << run.output;
+  EXPECT_EQ(run.exit_code, FaultWatchdog::kExitLostRank) << run.output;
 }
 
 // MpiCommunicator brackets its waits for the watchdog: the abort names the blocking call, or the

@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -135,6 +138,51 @@ TEST(TokenCache, FolderSourcesAreSortedDocumentsAndLargeFilesTokenizeAsAWhole) {
   std::printf("token cache of %.1f MB (austen_bpe tokenizer): built in %.2f s (%.1f MB/s), reused in %.3f s\n",
               text.size() / 1e6, large.seconds, text.size() / 1e6 / large.seconds, again.seconds);
   EXPECT_FALSE(again.built);
+}
+
+TEST(TokenCache, ThreadsEncodeSmallPiecesToTheIdsOfOneWholeEncode) {
+  const fs::path folder = fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "threaded";
+  fs::create_directories(folder);
+  shard::TokenizerSource source;
+  const auto tokenizer = fixture_tokenizer(&source);
+  std::string text;
+  for (int line = 0; line < 3000; ++line)
+    text += "Line " + std::to_string(line) + (line % 7 == 0 ? ": \xC3\xA9t\xC3\xA9 \xF0\x9F\x8E\x89" : " of it") +
+            (line % 5 == 0 ? "\n\n" : "\n") + (line % 11 == 0 ? "  indented " : "");
+  std::vector<int64_t> whole = widen(tokenizer->encode(text));
+  whole.push_back(tokenizer->eos_id());
+  for (const int threads : {1, 3}) {
+    const fs::path corpus = folder / ("corpus" + std::to_string(threads) + ".txt");
+    write_file(corpus, text);
+    TokenizeSettings settings;
+    settings.threads = threads;
+    settings.piece_bytes = 4096;   // ~15 pieces, several rounds of three
+    const TokenCacheResult cache = ensure_token_cache(corpus.string(), *tokenizer, source.checksum(), settings);
+    EXPECT_EQ(all_tokens(*TokenStream::open_file(cache.path)), whole) << threads << " threads";
+  }
+}
+
+TEST(TokenCache, TemporariesOfKilledRunsAreRemovedThoseOfLiveOnesKept) {
+  const fs::path folder = fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "partials";
+  fs::create_directories(folder);
+  const fs::path corpus = folder / "corpus.txt";
+  write_file(corpus, "A few words.\n");
+  char host[256] = {};
+  ASSERT_EQ(gethostname(host, sizeof host - 1), 0);
+  const pid_t child = fork();
+  if (child == 0) _exit(0);
+  ASSERT_GT(child, 0);
+  waitpid(child, nullptr, 0);   // a process id that no longer exists, like a killed run's
+  const std::string prefix = token_cache_path(corpus.string()) + ".partial-" + host + "-";
+  const fs::path abandoned = prefix + std::to_string(child);
+  const fs::path live = prefix + std::to_string(getppid());   // alive: the process that started this test
+  const fs::path other_host = token_cache_path(corpus.string()) + ".partial-elsewhere-" + std::to_string(child);
+  for (const auto& path : {abandoned, live, other_host}) write_file(path, "half a token file");
+  const auto bytes = make_byte_tokenizer();
+  ensure_token_cache(corpus.string(), *bytes, "bytes");
+  EXPECT_FALSE(fs::exists(abandoned));
+  EXPECT_TRUE(fs::exists(live));
+  EXPECT_TRUE(fs::exists(other_host));   // another host's process cannot be checked from here
 }
 
 TEST(Sampler, EveryEpochVisitsEveryWindowOnceInASeededOrder) {
