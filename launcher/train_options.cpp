@@ -3,12 +3,17 @@
 // model a job without --model trains.
 #include "launcher/train.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <cstdlib>
 #include <filesystem>
 
 #include "common/errors.h"
+#include "launcher/errors.h"
 #include "shard/converter.h"
 
 namespace qlora::launcher {
@@ -88,19 +93,43 @@ BatchSplit split_batch(const TrainOptions& options, int world) {
   return split;
 }
 
-std::string ensure_demo_model(cluster::Communicator& communicator, const cluster::RankLayout& layout, uint64_t seed) {
+namespace {
+
+// The user's folder for the embedded demo model under $TMPDIR, a name anyone can predict.
+std::filesystem::path demo_folder() {
   const char* temporary = std::getenv("TMPDIR");
-  const std::filesystem::path folder =
-      std::filesystem::path(temporary ? temporary : "/tmp") / ("qlora-demo-" + std::to_string(getuid()));
-  const std::string path = (folder / ("synthetic-tiny-seed" + std::to_string(seed) + ".h5")).string();
+  return std::filesystem::path(temporary != nullptr && *temporary ? temporary : "/tmp") /
+         ("qlora-demo-" + std::to_string(getuid()));
+}
+
+// Creates `folder` 0700, or refuses it when it is a link, another user's, or open to others' writes
+// (whoever controls it could swap the store or redirect the write).
+void check_private_demo_folder(const std::filesystem::path& folder) {
+  const std::string hint = "remove it, or set TMPDIR to a folder of your own";
+  if (::mkdir(folder.c_str(), 0700) != 0 && errno != EEXIST)
+    throw UserError("cannot create the demo model's folder " + folder.string() + ": " + std::strerror(errno),
+                    "set TMPDIR to a writable folder");
+  struct stat info {};
+  if (::lstat(folder.c_str(), &info) != 0 || !S_ISDIR(info.st_mode))
+    throw UserError("the demo model's folder " + folder.string() + " is not a folder (a link or a file)", hint);
+  if (info.st_uid != getuid() || (info.st_mode & (S_IWGRP | S_IWOTH)) != 0)
+    throw UserError("the demo model's folder " + folder.string() + " belongs to another user or is writable by others",
+                    hint);
+}
+
+}  // namespace
+
+std::string ensure_demo_model(cluster::Communicator& communicator, const cluster::RankLayout& layout, uint64_t seed) {
+  const std::string path = (demo_folder() / ("synthetic-tiny-seed" + std::to_string(seed) + ".h5")).string();
   // One writer per node (the node-local rank 0); the store appears atomically by rename.
-  if (layout.local_rank == 0 && !std::filesystem::exists(path)) {
-    std::filesystem::create_directories(folder);
+  run_collectively(communicator, [&] {
+    if (layout.local_rank != 0) return;
+    check_private_demo_folder(demo_folder());
+    if (std::filesystem::exists(path)) return;
     shard::ConvertOptions convert_options;
     convert_options.seed = seed;
     shard::convert_synthetic("tiny", path, convert_options);
-  }
-  communicator.barrier();
+  });
   return path;
 }
 

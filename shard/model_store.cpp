@@ -10,6 +10,7 @@
 #include "shard/model_store.h"
 
 #include <hdf5.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cassert>
@@ -266,9 +267,12 @@ uint64_t ModelStore::data_bytes() const {
 // ---- writer --------------------------------------------------------------------------------------
 
 ModelStoreWriter::ModelStoreWriter(const std::string& path, const StoreHeader& header)
-    : path_(path), partial_path_(path + ".partial"), header_(header) {
+    : path_(path), partial_path_(path + ".partial-" + std::to_string(getpid())), header_(header) {
   silence_hdf5_errors();
-  file_ = H5Fcreate(partial_path_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  // Created exclusively (never through a link planted under the temporary's name); a leftover of an
+  // earlier process with this id is unlinked first, which removes a link, not its target.
+  std::remove(partial_path_.c_str());
+  file_ = H5Fcreate(partial_path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT);
   if (file_ < 0)
     throw FormatError(path + ": cannot create the output file (does its folder exist and is it writable?)");
   const hid_t file = static_cast<hid_t>(file_);

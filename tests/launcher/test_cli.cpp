@@ -2,6 +2,8 @@
 // a hint, exit code 2 (never a signal or core dump), and no partial output left behind.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cstdlib>
 #include <filesystem>
 
@@ -41,6 +43,29 @@ TEST(CommandLine, MissingModelEndsEveryRankWithOneMessageAndNoOutputFolder) {
   EXPECT_TRUE(contains(output, "/nonexistent/model.h5: no such model file")) << output;
   EXPECT_FALSE(contains(output, "Segmentation")) << output;
   EXPECT_FALSE(std::filesystem::exists(out));
+}
+
+// The demo model's folder has a predictable name under $TMPDIR: a link planted there, or a folder
+// others can write, is refused before anything is written.
+TEST(CommandLine, DemoModelFolderMustBePrivate) {
+  const std::string user = std::to_string(getuid());
+  for (const std::string kind : {"link", "open"}) {
+    const std::filesystem::path temporary = std::filesystem::path(shared_temp_dir()) / ("tmpdir-" + kind);
+    std::filesystem::remove_all(temporary);
+    std::filesystem::create_directories(temporary / "elsewhere");
+    const std::filesystem::path demo = temporary / ("qlora-demo-" + user);
+    if (kind == "link") {
+      std::filesystem::create_directory_symlink(temporary / "elsewhere", demo);
+    } else {
+      std::filesystem::create_directories(demo);
+      std::filesystem::permissions(demo, std::filesystem::perms::all);
+    }
+    std::string output;
+    EXPECT_EQ(run_command("TMPDIR=" + temporary.string() + " " + qlora_binary() + " plan", &output), 2) << output;
+    EXPECT_TRUE(contains(output, "the demo model's folder " + demo.string())) << output;
+    EXPECT_TRUE(contains(output, kind == "link" ? "is not a folder" : "writable by others")) << output;
+    EXPECT_TRUE(std::filesystem::is_empty(temporary / "elsewhere")) << kind;
+  }
 }
 
 TEST(CommandLine, MissingOrEmptyDataIsAUserError) {

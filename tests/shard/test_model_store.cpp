@@ -7,6 +7,8 @@
 #include <fstream>
 #include <random>
 
+#include <unistd.h>
+
 #include "common/json.h"
 #include "kernels/dtype.h"
 #include "kernels/nf4.h"
@@ -213,6 +215,28 @@ TEST(Converter, RefusesNaNWeightsNamingTheTensor) {
     EXPECT_NE(std::string(error.what()).find("NaN"), std::string::npos) << error.what();
   }
   EXPECT_FALSE(std::filesystem::exists(out));
+}
+
+// The writer's temporary is created exclusively: a link planted under its name is replaced, never
+// written through (the demo model's store lives under a predictable $TMPDIR path).
+TEST(ModelStore, WriterNeverWritesThroughALinkAtItsTemporaryName) {
+  const std::filesystem::path folder = std::filesystem::path(shared_temp_dir()) / "planted-link";
+  std::filesystem::create_directories(folder);
+  const std::filesystem::path victim = folder / "victim.txt";
+  std::ofstream(victim) << "precious";
+  const std::string out = (folder / "model.h5").string();
+  std::filesystem::remove(out + ".partial-" + std::to_string(getpid()));
+  std::filesystem::create_symlink(victim, out + ".partial-" + std::to_string(getpid()));
+  ConvertOptions options;
+  convert_synthetic("micro", out, options);
+  std::ifstream in(victim);
+  std::string content;
+  std::getline(in, content);
+  EXPECT_EQ(content, "precious");
+  EXPECT_TRUE(std::filesystem::is_symlink(victim) == false);
+  EXPECT_EQ(ModelStore::open(out)->header().config.num_hidden_layers,
+            ModelStore::open(synthetic_store("micro"))->header().config.num_hidden_layers);
+  EXPECT_FALSE(std::filesystem::exists(out + ".partial-" + std::to_string(getpid())));
 }
 
 TEST(ModelStore, RefusesMissingForeignAndTruncatedFiles) {
