@@ -56,9 +56,13 @@ int main() {
     for (int i = 0; i < parses; ++i) qlora::data::ChatTemplate(source, name);
     const double parse_us = microseconds_since(parse_start) / parses;
     const qlora::data::ChatTemplate chat_template(source, name);
-    // Gemma rejects a system message: it gets the conversation without one.
+    // Gemma and Mistral v0.2 reject a system message: they get the conversation without one.
     Json conversation = messages;
-    if (name.find("gemma") != std::string::npos) conversation.erase(conversation.begin());
+    try {
+      chat_template.render(conversation, true, variables);
+    } catch (const qlora::data::ChatTemplateError&) {
+      conversation.erase(conversation.begin());
+    }
     std::string rendered;
     std::vector<double> runs;
     const int renders = 2000;
@@ -75,7 +79,7 @@ int main() {
   }
   Json result;
   result["benchmark"] = "chat_template";
-  result["conversation"] = "system prompt (not for Gemma) + 10 user/assistant exchanges + a final user turn, "
+  result["conversation"] = "system prompt (not for Gemma and Mistral v0.2, which refuse one) + 10 user/assistant exchanges + a final user turn, "
                            "add_generation_prompt";
   result["rows"] = rows;
   const std::string path = std::string(QLORA_RESULTS_DIR) + "/chat_template.json";
