@@ -493,7 +493,6 @@ class Renderer {
 
   Flow execute_for(const Node& node, std::string& out) {
     Value iterable = evaluate(*node.expression);
-    if (iterable.is_undefined() && !iterable.text.empty() && false) undefined_error(iterable);
     List items = iterate(iterable);
     if (node.filter) {
       List kept;
