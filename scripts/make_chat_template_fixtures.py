@@ -80,6 +80,9 @@ CONVERSATIONS = {
     "not_alternating": [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}],
     "assistant_first": [{"role": "assistant", "content": "I start."}, {"role": "user", "content": "Odd."}],
     "system_only": [SYSTEM],
+    "template_like_text": [{"role": "user", "content": "Print {{ x }} and {% if %} literally; quote ' \" \\ end\\"},
+                           {"role": "assistant", "content": "{# not a comment #} \r\n done"},
+                           {"role": "user", "content": "\u00a0\u3000 wide spaces \u2003"}],
 }
 
 TOOLS = [{"type": "function", "function": {
