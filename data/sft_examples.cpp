@@ -69,17 +69,28 @@ class RecordTokenizer {
   }
 
  private:
+  // TRL tokenizes plain strings with tokenizer(text): special tokens added, as the post-processor
+  // says (a leading bos for Llama-style tokenizers). Rendered conversations are not (the template
+  // writes them).
+  std::vector<int32_t> encode_plain(const std::string& text) const {
+    std::vector<int32_t> tokens;
+    if (tokenizer_.adds_bos()) tokens.push_back(tokenizer_.bos_id());
+    const std::vector<int32_t> body = tokenizer_.encode(text);
+    tokens.insert(tokens.end(), body.begin(), body.end());
+    return tokens;
+  }
+
   TokenizedExample text(const SftRecord& record) const {
     TokenizedExample example;
-    example.tokens = tokenizer_.encode(with_eos(record.text, eos_text_));
+    example.tokens = encode_plain(with_eos(record.text, eos_text_));
     example.counted.assign(example.tokens.size(), 1);
     return example;
   }
 
   TokenizedExample standard_prompt_completion(const SftRecord& record) const {
     TokenizedExample example;
-    const size_t prompt_tokens = tokenizer_.encode(record.prompt).size();
-    example.tokens = tokenizer_.encode(record.prompt + with_eos(record.completion, eos_text_));
+    const size_t prompt_tokens = encode_plain(record.prompt).size();
+    example.tokens = encode_plain(record.prompt + with_eos(record.completion, eos_text_));
     example.counted = train_on_ == TrainOn::completion ? completion_mask(prompt_tokens, example.tokens.size())
                                                        : std::vector<uint8_t>(example.tokens.size(), 1);
     return example;

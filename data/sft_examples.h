@@ -1,7 +1,7 @@
 // Instruction records (data/sft_dataset.h) into tokenized examples with loss masks, following TRL's
 // SFTTrainer: conversations rendered by the model's chat template then tokenized without adding
 // special tokens; text and standard prompt-completion records get the eos token appended (unless
-// already there) and are tokenized as they are. Which tokens count in the loss is --train-on:
+// already there) and are tokenized as tokenizer(text) does (a leading bos when Tokenizer::adds_bos). Which tokens count in the loss is --train-on:
 //   all         every token (TRL's default for text and conversations)
 //   completion  the tokens after the prompt (TRL's completion_only_loss, its default for prompt-completion):
 //               the prompt is tokenized alone (conversations: rendered with add_generation_prompt) and

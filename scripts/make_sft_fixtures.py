@@ -6,11 +6,15 @@ compares qlora's tokenization against id for id and mask bit for mask bit.
   text.jsonl, messages.jsonl, prompt_completion.jsonl, prompt_completion_chat.jsonl, sharegpt.jsonl,
   alpaca.json (a JSON array, pretty-printed)        the datasets
   chatml.jinja                                      a ChatML template (content trimmed) for austen_bpe.json
+  austen_llama3_bos.json, llama3.jinja              austen_llama3.json with Llama 3's header and end-of-turn
+                                                    tokens and a post-processor that prepends
+                                                    <|begin_of_text|>; a Llama 3 style template
   expected.json                                     {"setups": {name: {tokenizer, template, eos_token}},
                                                      "cases": {setup: {file: [{"input_ids", "completion",
                                                      "assistant"}, ...]}}}
 
-Setups: "austen_chatml" is tests/fixtures/tokenizers/austen_bpe.json (which has <|im_start|>, <|im_end|>
+Setups: "austen_llama3" covers a tokenizer whose tokenizer(text) adds a bos (TRL's plain-text path) and
+a template that writes bos_token itself; "austen_chatml" is tests/fixtures/tokenizers/austen_bpe.json (which has <|im_start|>, <|im_end|>
 and <|endoftext|> as special tokens) with chatml.jinja, so CI checks the whole path; "smollm2" (with
 --smollm2 PATH) is SmolLM2-135M-Instruct's tokenizer and chat template from its GGUF, in the form of the
 hub's tokenizer.json (transformers' GGUF loader drops its Digits pre-tokenizer step).
@@ -45,6 +49,16 @@ CHATML_GENERATION = (
     "{% generation %}{{ message['content'] | trim + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
     "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>\\n' }}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3_GENERATION = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% generation %}"
+    "{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}{% else %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 SMOLLM2_GENERATION = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
@@ -128,6 +142,8 @@ def write_datasets():
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     with open(os.path.join(OUT, "chatml.jinja"), "w", encoding="utf-8") as handle:
         handle.write(CHATML)
+    with open(os.path.join(OUT, "llama3.jinja"), "w", encoding="utf-8") as handle:
+        handle.write(LLAMA3)
 
 
 # The records as TRL sees them once converted: ("text", str) | ("messages", list) |
@@ -202,6 +218,22 @@ def austen_tokenizer():
                                    eos_token="<|endoftext|>")
 
 
+def austen_llama3_tokenizer():
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer.from_file(os.path.join(TOKENIZERS, "austen_llama3.json"))
+    tokenizer.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    bos = tokenizer.token_to_id("<|begin_of_text|>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    path = os.path.join(OUT, "austen_llama3_bos.json")
+    tokenizer.save(path, pretty=False)
+    loaded = PreTrainedTokenizerFast(tokenizer_file=path, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    assert loaded("Hi")["input_ids"][0] == bos
+    return loaded
+
+
 def smollm2_tokenizer(gguf_path, folder):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -229,6 +261,10 @@ def main():
     expected["setups"]["austen_chatml"] = {"tokenizer": "tokenizers/austen_bpe.json", "template": "sft/chatml.jinja",
                                            "eos_token": tokenizer.eos_token}
     expected["cases"]["austen_chatml"] = reference_cases(tokenizer, CHATML, CHATML_GENERATION)
+    tokenizer = austen_llama3_tokenizer()
+    expected["setups"]["austen_llama3"] = {"tokenizer": "sft/austen_llama3_bos.json", "template": "sft/llama3.jinja",
+                                           "eos_token": tokenizer.eos_token}
+    expected["cases"]["austen_llama3"] = reference_cases(tokenizer, LLAMA3, LLAMA3_GENERATION)
     if args.smollm2:
         with tempfile.TemporaryDirectory() as folder:
             tokenizer, template = smollm2_tokenizer(args.smollm2, folder)

@@ -1,7 +1,8 @@
 // Instruction datasets: format detection, each format's conversion, malformed records refused with
 // FILE:LINE and the field path, and token ids plus loss masks equal to TRL's preparation
 // (tests/fixtures/sft/expected.json, made by scripts/make_sft_fixtures.py) for the austen_bpe
-// tokenizer with a ChatML template and, when QLORA_SMOLLM2_GGUF names it, SmolLM2's own.
+// tokenizer with a ChatML template, a Llama 3 style tokenizer (bos added to plain text) and template,
+// and, when QLORA_SMOLLM2_GGUF names it, SmolLM2's own.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -205,6 +206,15 @@ Setup austen_chatml() {
   return setup;
 }
 
+// A tokenizer whose tokenizer(text) prepends <|begin_of_text|>, and a Llama 3 style template.
+Setup austen_llama3() {
+  Setup setup;
+  setup.tokenizer = load_tokenizer_json(read_file(fixture("sft/austen_llama3_bos.json")), "austen_llama3_bos.json");
+  setup.chat_template.emplace(read_file(fixture("sft/llama3.jinja")), "llama3.jinja");
+  bind(setup);
+  return setup;
+}
+
 std::optional<Setup> smollm2() {
   const char* path = std::getenv("QLORA_SMOLLM2_GGUF");
   if (path == nullptr || !fs::exists(path)) return std::nullopt;
@@ -251,6 +261,13 @@ void expect_fixture_cases(const Setup& setup, const std::string& name) {
 }
 
 TEST(SftExamples, MatchTrlOnTheAustenTokenizerWithChatMl) { expect_fixture_cases(austen_chatml(), "austen_chatml"); }
+
+TEST(SftExamples, MatchTrlOnALlama3StyleTokenizerThatAddsBos) {
+  const Setup setup = austen_llama3();
+  ASSERT_TRUE(setup.tokenizer->adds_bos());
+  EXPECT_FALSE(austen_chatml().tokenizer->adds_bos());
+  expect_fixture_cases(setup, "austen_llama3");
+}
 
 TEST(SftExamples, MatchTrlOnSmolLM2) {
   auto setup = smollm2();
