@@ -103,6 +103,8 @@ std::unique_ptr<ModelStore> ModelStore::open(const std::string& path) {
   header.tokenizer = read_string_attribute(root.get(), "tokenizer", path);
   header.source = read_string_attribute(root.get(), "source", path);
   header.source_checksum = read_string_attribute(root.get(), "source_checksum", path);
+  if (has_attribute(root.get(), "chat_template"))
+    header.chat_template = read_string_attribute(root.get(), "chat_template", path);
   if (has_attribute(root.get(), "unquantized_modules"))
     header.unquantized_modules = read_string_attribute(root.get(), "unquantized_modules", path);
   const bool quantized_store = header.quant_method != "none";
@@ -357,6 +359,15 @@ void ModelStoreWriter::add_tokenizer(const TokenizerSource& source) {
   header_.tokenizer = source.kind;
 }
 
+void ModelStoreWriter::set_chat_template(const std::string& chat_template) {
+  // A root attribute lives in the object header, which HDF5's default file format caps at 64 KiB.
+  if (chat_template.size() > 60000)
+    throw FormatError(path_ + ": the chat template has " + std::to_string(chat_template.size()) +
+                      " bytes; a model store holds at most 60000", "pass the template at training time with "
+                      "--chat-template FILE instead");
+  header_.chat_template = chat_template;
+}
+
 void ModelStoreWriter::finish() {
   const hid_t file = static_cast<hid_t>(file_);
   {
@@ -374,6 +385,8 @@ void ModelStoreWriter::finish() {
     write_string_attribute(root.get(), "source", header_.source, path_);
     write_string_attribute(root.get(), "source_checksum", header_.source_checksum, path_);
     write_string_attribute(root.get(), "unquantized_modules", header_.unquantized_modules, path_);
+    if (!header_.chat_template.empty())
+      write_string_attribute(root.get(), "chat_template", header_.chat_template, path_);
   }
   if (H5Fclose(file) < 0) throw FormatError(path_ + ": cannot close the output file (disk full?)");
   file_ = -1;

@@ -30,6 +30,7 @@ struct StoreHeader {
   std::string tokenizer = "bytes";        // "bytes" (token = byte value), or the kind of /tokenizer
   std::string source = "";                // what the store was converted from
   std::string source_checksum = "";       // FNV-1a 64 over the source's tensor bytes, hex
+  std::string chat_template = "";         // the model's Jinja chat template; empty when it has none
 };
 
 struct StoredTensor {
@@ -81,6 +82,8 @@ class ModelStore {
 
   // The embedded /tokenizer (docs/FORMAT.md); false when the store has none.
   bool read_tokenizer(TokenizerSource* source) const;
+  // The model's chat template (root attribute chat_template); empty when the store has none.
+  const std::string& chat_template() const { return header_.chat_template; }
 
   // Bytes of tensor data this reader has read so far (tests assert ranks read about total / N).
   uint64_t bytes_read() const { return bytes_read_; }
@@ -116,6 +119,8 @@ class ModelStoreWriter {
   void add_dense(const std::string& name, const std::vector<int64_t>& shape, kernels::DType dtype,
                  const void* data);
   void set_source_checksum(const std::string& checksum);
+  // Stores the model's chat template as the root attribute chat_template (nothing when empty).
+  void set_chat_template(const std::string& chat_template);
   // Embeds the model's tokenizer as /tokenizer and sets the header's tokenizer to its kind; an empty
   // kind embeds nothing.
   void add_tokenizer(const TokenizerSource& source);
