@@ -130,7 +130,8 @@ TEST(SftDataset, RefusesMalformedRecordsWithFileLineAndField) {
   EXPECT_EQ(refusal(R"({"messages": ["hello"]})"),
             ":1: messages[0]: expected an object with \"role\" and \"content\", got string");
   EXPECT_EQ(refusal("{\"text\": \"a\"}\n\n{\"text\": \"b\",}\n").substr(0, 17), ":3: invalid JSON:");
-  EXPECT_EQ(refusal("[1, 2]\n"), ":1: expected a JSON object, got array");
+  EXPECT_EQ(refusal("[1, 2]\n"), ":1: expected a JSON object, got number");  // an array file of numbers
+  EXPECT_EQ(refusal("{\"text\": \"a\"}\n[1, 2]\n"), ":2: expected a JSON object, got array");
   EXPECT_EQ(refusal("{\"text\": \"a\"}\n" + good_chat + "\n"),
             ":2: the record looks like messages data but the file's first record is text");
   EXPECT_EQ(refusal(R"({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]})"),
@@ -181,25 +182,26 @@ TEST(SftDataset, OptionNamesAndTrainOnDefaults) {
 }
 
 // A tokenizer and chat template as a job would bind them.
-struct Setup {
+struct TokenizerSetup {
   std::unique_ptr<Tokenizer> tokenizer;
   std::optional<ChatTemplate> chat_template;
   ConversationRenderer render;
 };
 
-void bind(Setup& setup) {
+void bind(TokenizerSetup& setup) {
   Json variables = Json::object();
   const Tokenizer& tokenizer = *setup.tokenizer;
   variables["bos_token"] = tokenizer.bos_id() >= 0 ? tokenizer.decode({tokenizer.bos_id()}) : "";
   variables["eos_token"] = tokenizer.eos_id() >= 0 ? tokenizer.decode({tokenizer.eos_id()}) : "";
-  const ChatTemplate* chat_template = &*setup.chat_template;
+  // A copy (copies share the parsed program): the setup may move.
+  const ChatTemplate chat_template = *setup.chat_template;
   setup.render = [chat_template, variables](const Json& messages, bool add_generation_prompt) {
-    return chat_template->render(messages, add_generation_prompt, variables);
+    return chat_template.render(messages, add_generation_prompt, variables);
   };
 }
 
-Setup austen_chatml() {
-  Setup setup;
+TokenizerSetup austen_chatml() {
+  TokenizerSetup setup;
   setup.tokenizer = load_tokenizer_json(read_file(fixture("tokenizers/austen_bpe.json")), "austen_bpe.json");
   setup.chat_template.emplace(read_file(fixture("sft/chatml.jinja")), "chatml.jinja");
   bind(setup);
@@ -207,19 +209,19 @@ Setup austen_chatml() {
 }
 
 // A tokenizer whose tokenizer(text) prepends <|begin_of_text|>, and a Llama 3 style template.
-Setup austen_llama3() {
-  Setup setup;
+TokenizerSetup austen_llama3() {
+  TokenizerSetup setup;
   setup.tokenizer = load_tokenizer_json(read_file(fixture("sft/austen_llama3_bos.json")), "austen_llama3_bos.json");
   setup.chat_template.emplace(read_file(fixture("sft/llama3.jinja")), "llama3.jinja");
   bind(setup);
   return setup;
 }
 
-std::optional<Setup> smollm2() {
+std::optional<TokenizerSetup> smollm2() {
   const char* path = std::getenv("QLORA_SMOLLM2_GGUF");
   if (path == nullptr || !fs::exists(path)) return std::nullopt;
   const auto file = shard::GgufFile::open(path);
-  Setup setup;
+  TokenizerSetup setup;
   setup.tokenizer = load_gguf_tokenizer(*file);
   setup.chat_template.emplace(file->get_string("tokenizer.chat_template"), path);
   bind(setup);
@@ -233,7 +235,7 @@ std::vector<uint8_t> mask_of(const Json& bits) {
 }
 
 // Every file, every --train-on choice the fixture records: ids and masks bit for bit.
-void expect_fixture_cases(const Setup& setup, const std::string& name) {
+void expect_fixture_cases(const TokenizerSetup& setup, const std::string& name) {
   const Json expected = parse_json(read_file(fixture("sft/expected.json")), "expected.json")["cases"][name];
   int64_t compared = 0;
   for (const char* file : kFiles) {
@@ -263,7 +265,7 @@ void expect_fixture_cases(const Setup& setup, const std::string& name) {
 TEST(SftExamples, MatchTrlOnTheAustenTokenizerWithChatMl) { expect_fixture_cases(austen_chatml(), "austen_chatml"); }
 
 TEST(SftExamples, MatchTrlOnALlama3StyleTokenizerThatAddsBos) {
-  const Setup setup = austen_llama3();
+  const TokenizerSetup setup = austen_llama3();
   ASSERT_TRUE(setup.tokenizer->adds_bos());
   EXPECT_FALSE(austen_chatml().tokenizer->adds_bos());
   expect_fixture_cases(setup, "austen_llama3");
@@ -276,7 +278,7 @@ TEST(SftExamples, MatchTrlOnSmolLM2) {
 }
 
 TEST(SftExamples, ConversationsWithoutATemplateAskForOne) {
-  const Setup setup = austen_chatml();
+  const TokenizerSetup setup = austen_chatml();
   const SftDataset dataset = read_sft_dataset(fixture("sft/messages.jsonl"));
   try {
     tokenize_sft_dataset(dataset, *setup.tokenizer, ConversationRenderer(), TrainOn::automatic);
@@ -293,7 +295,7 @@ TEST(SftExamples, ConversationsWithoutATemplateAskForOne) {
 }
 
 TEST(SftExamples, AssistantMaskNamesTheRecordWhenTheTemplateHidesAReply) {
-  Setup setup = austen_chatml();
+  TokenizerSetup setup = austen_chatml();
   // A template that renders only the user's turns: no assistant content to locate.
   setup.chat_template.emplace("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}",
                               "users-only");
@@ -319,7 +321,7 @@ TEST(SftExamples, AssistantMaskNamesTheRecordWhenTheTemplateHidesAReply) {
 }
 
 TEST(SftExamples, AssistantRepliesThatRepeatTheUserAreFoundInTheirOwnTurn) {
-  const Setup setup = austen_chatml();
+  const TokenizerSetup setup = austen_chatml();
   const Json messages = Json::parse(R"([{"role": "user", "content": "Say: Netherfield"},
                                         {"role": "assistant", "content": "Netherfield"}])");
   const std::string rendered = setup.render(messages, false);
@@ -344,7 +346,7 @@ std::vector<std::string> partial_files(const fs::path& folder) {
 }
 
 TEST(ExampleCache, BuildsOnceAndRebuildsWhenAnyIngredientChanges) {
-  const Setup setup = austen_chatml();
+  const TokenizerSetup setup = austen_chatml();
   const std::string data = temporary_data("cached.jsonl", read_file(fixture("sft/messages.jsonl")));
   fs::remove(example_cache_path(data));
   ExampleRecipe recipe;
@@ -405,7 +407,7 @@ TEST(ExampleCache, BuildsOnceAndRebuildsWhenAnyIngredientChanges) {
 }
 
 TEST(ExampleCache, LeavesNothingBehindWhenTheDataIsRefused) {
-  const Setup setup = austen_chatml();
+  const TokenizerSetup setup = austen_chatml();
   const std::string data = temporary_data("refused.jsonl", "{\"text\": \"fine\"}\n{\"text\": 3}\n");
   fs::remove(example_cache_path(data));
   ExampleRecipe recipe;
