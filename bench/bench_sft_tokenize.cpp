@@ -151,8 +151,9 @@ int main(int argc, char** argv) {
   start = Clock::now();
   const auto loaded = data::read_example_file(reused.path);
   const double load_seconds = seconds_since(start);
-  std::printf("example cache: built in %.3f s (read + tokenize + write), reused in %.3f s (key check), "
-              "read back in %.3f s (%zu examples)\n", built.seconds, reused.seconds, load_seconds, loaded.size());
+  std::printf("example cache: %s in %.3f s (read + tokenize + write), %s in %.3f s (key check), "
+              "read back in %.3f s (%zu examples)\n", built.built ? "built" : "REUSED", built.seconds,
+              reused.built ? "REBUILT" : "reused", reused.seconds, load_seconds, loaded.size());
   results["cache_build_seconds"] = built.seconds;
   results["cache_reuse_seconds"] = reused.seconds;
   results["cache_read_seconds"] = load_seconds;
