@@ -3,11 +3,13 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
 #include "cluster/mpi_communicator.h"
 #include "common/errors.h"
+#include "common/json.h"
 #include "data/chat_template.h"
 #include "data/example_cache.h"
 #include "data/sft_dataset.h"
@@ -140,6 +142,39 @@ TEST(LoadDataExamples, TokenizesInstructionDataOnceAndLeavesTextToTheTokenPath) 
   EXPECT_TRUE(is_instruction_data((folder / "notes.txt").string(), options));  // forced: read as JSONL
   options.chat_template_path = (folder / "missing.jinja").string();
   EXPECT_THROW(load_data_examples(chats, options, *store, *communicator, true), UserError);
+}
+
+// The whole path on a real model: SmolLM2's GGUF converted to a store carries its tokenizer and chat
+// template, and the loader's examples equal TRL's (tests/fixtures/sft/expected.json) without any
+// --chat-template.
+TEST(LoadDataExamples, UseTheTemplateStoredFromSmolLM2sGguf) {
+  const char* gguf = std::getenv("QLORA_SMOLLM2_GGUF");
+  if (gguf == nullptr || !fs::exists(gguf)) GTEST_SKIP() << "set QLORA_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf to run";
+  auto communicator = cluster::make_mpi_communicator(MPI_COMM_SELF);
+  const fs::path folder = fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "examples-smollm2";
+  fs::create_directories(folder);
+  const std::string store_path = (folder / "smollm2.h5").string();
+  shard::convert_gguf_file(gguf, store_path, shard::ConvertOptions{});
+  const auto store = shard::ModelStore::open(store_path);
+  ASSERT_FALSE(store->header().chat_template.empty());
+  const Json expected = parse_json(testing_support::read_file(source_dir() + "/tests/fixtures/sft/expected.json"),
+                                   "expected.json")["cases"]["smollm2"];
+  for (const char* file : {"sharegpt.jsonl", "alpaca.json"}) {
+    const std::string data = (folder / file).string();
+    fs::copy_file(source_dir() + "/tests/fixtures/sft/" + file, data, fs::copy_options::overwrite_existing);
+    ExampleOptions options;
+    options.train_on = data::TrainOn::assistant;
+    const auto examples = load_data_examples(data, options, *store, *communicator, true);
+    ASSERT_TRUE(examples.has_value());
+    const Json& cases = expected.at(file);
+    ASSERT_EQ(examples->size(), cases.size());
+    for (size_t i = 0; i < cases.size(); ++i) {
+      EXPECT_EQ((*examples)[i].tokens, cases[i]["input_ids"].get<std::vector<int32_t>>()) << file << " " << i;
+      std::vector<uint8_t> mask;
+      for (const Json& bit : cases[i]["assistant"]) mask.push_back(static_cast<uint8_t>(bit.get<int>()));
+      EXPECT_EQ((*examples)[i].counted, mask) << file << " " << i;
+    }
+  }
 }
 
 }  // namespace
