@@ -593,15 +593,19 @@ class Parser {
     return left;
   }
 
-  ExprPtr parse_unary() {
+  // As in Jinja, a sign binds tighter than filters and tests: -3|abs is (-3)|abs.
+  ExprPtr parse_unary(bool with_filters = true) {
+    ExprPtr node;
     if (peek().type == TokenType::Operator && (peek().text == "-" || peek().text == "+")) {
       const Token op = next();
-      auto node = make(ExprType::Unary, op.line);
-      node->name = op.text;
-      node->children = {parse_unary()};
-      return parse_filters_and_tests(node);
+      auto unary = make(ExprType::Unary, op.line);
+      unary->name = op.text;
+      unary->children = {parse_unary(false)};
+      node = unary;
+    } else {
+      node = parse_postfix(parse_primary());
     }
-    return parse_filters_and_tests(parse_postfix(parse_primary()));
+    return with_filters ? parse_filters_and_tests(node) : node;
   }
 
   ExprPtr parse_primary() {

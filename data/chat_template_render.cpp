@@ -41,25 +41,43 @@ std::vector<uint32_t> decode(const std::string& text) {
   return code_points;
 }
 
+// The code point starting at byte `pos` and its length in bytes (a stray byte counts as one).
+uint32_t code_point_at(const std::string& text, size_t pos, size_t* length) {
+  unsigned char lead = static_cast<unsigned char>(text[pos]);
+  size_t n = lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : (lead >> 3) == 0x1E ? 4 : 1;
+  if (pos + n > text.size()) n = 1;
+  uint32_t cp = n == 1 ? lead : lead & (0xFF >> (n + 1));
+  for (size_t i = 1; i < n; ++i) cp = (cp << 6) | (static_cast<unsigned char>(text[pos + i]) & 0x3F);
+  *length = n;
+  return cp;
+}
+
 // Python's str.strip / lstrip / rstrip, with `chars` (None: Unicode whitespace).
 std::string python_strip(const std::string& text, const Value& chars, bool left, bool right) {
   std::vector<uint32_t> strip_set;
   if (chars.kind == Kind::String) strip_set = decode(chars.text);
-  else if (chars.kind == Kind::None || chars.is_undefined()) strip_set = python_whitespace();
-  else throw EvalError{"strip arg must be None or str"};
-  List characters = iterate(Value::from_string(text));
-  std::vector<uint32_t> code_points = decode(text);
-  size_t begin = 0, end = characters.size();
-  auto stripped = [&](uint32_t cp) { return std::find(strip_set.begin(), strip_set.end(), cp) != strip_set.end(); };
+  else if (chars.kind != Kind::None && !chars.is_undefined()) throw EvalError{"strip arg must be None or str"};
+  const std::vector<uint32_t>& set = chars.kind == Kind::String ? strip_set : python_whitespace();
+  auto stripped = [&](uint32_t cp) { return std::find(set.begin(), set.end(), cp) != set.end(); };
+  size_t begin = 0, end = text.size();
   if (left) {
-    while (begin < end && stripped(code_points[begin])) ++begin;
+    while (begin < end) {
+      size_t length = 0;
+      if (!stripped(code_point_at(text, begin, &length))) break;
+      begin += length;
+    }
   }
   if (right) {
-    while (end > begin && stripped(code_points[end - 1])) --end;
+    while (end > begin) {
+      size_t start = end - 1;
+      while (start > begin && (static_cast<unsigned char>(text[start]) & 0xC0) == 0x80) --start;
+      size_t length = 0;
+      uint32_t cp = code_point_at(text, start, &length);
+      if (start + length != end || !stripped(cp)) break;
+      end = start;
+    }
   }
-  std::string out;
-  for (size_t i = begin; i < end; ++i) out += characters[i].text;
-  return out;
+  return text.substr(begin, end - begin);
 }
 
 locale_t unicode_ctype() {

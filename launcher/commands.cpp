@@ -19,6 +19,7 @@
 #include "common/format.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "data/chat_template.h"
 #include "data/tokenizer.h"
 #include "launcher/errors.h"
 #include "launcher/evaluate.h"
@@ -180,6 +181,21 @@ int run_convert(const std::vector<std::string>& arguments, CommandContext& conte
 
 // ---- inspect -------------------------------------------------------------------------------------
 
+// "none", or the template's size, first line and whether qlora's interpreter accepts it.
+static std::string chat_template_text(const shard::ModelStore& store) {
+  const std::string& source = store.chat_template();
+  if (source.empty()) return "none";
+  std::string first_line = source.substr(0, source.find('\n'));
+  if (first_line.size() > 60) first_line = first_line.substr(0, 57) + "...";
+  std::string text = std::to_string(source.size()) + " bytes, first line \"" + first_line + "\"";
+  try {
+    data::ChatTemplate parsed(source, store.path());
+    return text + " (qlora renders it)";
+  } catch (const data::ChatTemplateError& error) {
+    return text + " (qlora cannot render it: " + error.what() + ")";
+  }
+}
+
 int run_inspect(const std::vector<std::string>& arguments, CommandContext& context) {
   po::options_description options("qlora inspect options");
   options.add_options()
@@ -209,6 +225,7 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
       << "  unquantized      " << (header.unquantized_modules.empty() ? "-" : header.unquantized_modules)
       << " (besides embeddings, norms and LM head)\n"
       << "  tokenizer        " << header.tokenizer << "\n"
+      << "  chat template    " << chat_template_text(*store) << "\n"
       << "  source           " << header.source << " (checksum " << header.source_checksum << ")\n"
       << "  tensor data      " << format_bytes(static_cast<double>(store->data_bytes())) << "\n\n";
   char row[256];

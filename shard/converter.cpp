@@ -269,6 +269,7 @@ ConvertSummary import_bnb_checkpoint(const std::string& directory, const Safeten
 
   ModelStoreWriter writer(out_path, header_for(config, options, std::filesystem::path(directory).filename().string(),
                                                "none"));
+  writer.set_chat_template(chat_template_from_hf_directory(directory));
   Fnv1a64 checksum;
   ConvertSummary summary;
   for (const auto& name : names) {
@@ -334,6 +335,7 @@ ConvertSummary convert_hf_directory(const std::string& directory, const std::str
   ModelStoreWriter writer(out_path, header_for(config, options, std::filesystem::path(directory).filename().string(),
                                                "none"));
   writer.add_tokenizer(tokenizer_from_hf_directory(directory, options.check_tokenizer));
+  writer.set_chat_template(chat_template_from_hf_directory(directory));
   Fnv1a64 checksum;
   ConvertSummary summary;
   const auto names = config.tensor_names();
@@ -381,6 +383,7 @@ ConvertSummary convert_gguf_file(const std::string& gguf_path, const std::string
   ModelStoreWriter writer(out_path,
                           header_for(config, options, std::filesystem::path(gguf_path).filename().string(), "gguf"));
   writer.add_tokenizer(tokenizer_from_gguf(*file));
+  writer.set_chat_template(chat_template_from_gguf(*file));
   Fnv1a64 checksum;
   ConvertSummary summary;
   std::vector<uint8_t> reordered;

@@ -153,6 +153,40 @@ TokenizerSource tokenizer_from_gguf(const GgufFile& file) {
   return {"gguf", writer.image(), "", ""};
 }
 
+std::string chat_template_from_hf_directory(const std::string& directory) {
+  const std::filesystem::path folder(directory);
+  const std::filesystem::path config_path = folder / "tokenizer_config.json";
+  std::error_code error;
+  if (std::filesystem::is_regular_file(config_path, error)) {
+    const qlora::Json config = parse_json(read_whole_file(config_path), config_path.string());
+    if (config.is_object() && config.contains("chat_template") && !config.at("chat_template").is_null()) {
+      const qlora::Json& value = config.at("chat_template");
+      if (value.is_string()) return value.get<std::string>();
+      if (!value.is_array())
+        throw FormatError(config_path.string() + ": chat_template is neither a string nor a list of {name, template}");
+      std::string names;
+      for (const qlora::Json& entry : value) {
+        if (!entry.is_object() || !entry.contains("name") || !entry.contains("template") ||
+            !entry.at("name").is_string() || !entry.at("template").is_string())
+          throw FormatError(config_path.string() + ": chat_template list entries must be {\"name\": ..., \"template\": ...}");
+        const std::string name = entry.at("name").get<std::string>();
+        if (name == "default") return entry.at("template").get<std::string>();
+        names += (names.empty() ? "" : ", ") + name;
+      }
+      throw FormatError(config_path.string() + ": chat_template lists templates (" + names + ") but none named "
+                        "\"default\"", "pass the one to use at training time with --chat-template FILE");
+    }
+  }
+  if (std::filesystem::is_regular_file(folder / "chat_template.jinja", error))
+    return read_whole_file(folder / "chat_template.jinja");
+  return "";
+}
+
+std::string chat_template_from_gguf(const GgufFile& file) {
+  if (!file.has_key("tokenizer.chat_template")) return "";
+  return file.get_string("tokenizer.chat_template");
+}
+
 TokenizerSource store_tokenizer_source(const ModelStore& store) {
   const std::string& kind = store.header().tokenizer;
   if (kind == "bytes") return {"bytes", "", "", ""};

@@ -36,6 +36,15 @@ TokenizerSource tokenizer_from_hf_directory(const std::string& directory, const 
 // tokenizer.ggml.model key).
 TokenizerSource tokenizer_from_gguf(const GgufFile& file);
 
+// The model's Jinja chat template from a Hugging Face folder: tokenizer_config.json's chat_template
+// (a string, or a list of {name, template} of which "default" is used), else the chat_template.jinja
+// file newer transformers save beside it, else "" (the model has none). A chat_template of another
+// shape, a list without "default", or an unreadable tokenizer_config.json that may hold one is a
+// FormatError naming the file: a template is never dropped silently.
+std::string chat_template_from_hf_directory(const std::string& directory);
+// GGUF key tokenizer.chat_template, "" when absent (FormatError when it is not a string).
+std::string chat_template_from_gguf(const GgufFile& file);
+
 // The store's tokenizer source: kind "bytes" for "bytes" stores, otherwise the embedded one.
 // FormatError (naming the store, with a hint) when the store carries none.
 TokenizerSource store_tokenizer_source(const ModelStore& store);
