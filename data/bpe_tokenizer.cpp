@@ -286,6 +286,7 @@ class ByteLevelBpe final : public Tokenizer {
   ByteLevelBpe(BpeSpec spec, const std::string& where)
       : kind_(spec.kind), steps_(spec.steps), add_prefix_space_(spec.add_prefix_space),
         ignore_merges_(spec.ignore_merges), bos_id_(spec.bos_id), eos_id_(spec.eos_id),
+        adds_bos_(spec.adds_bos && spec.bos_id >= 0),
         special_(select(spec.added_tokens, true)), non_special_(select(spec.added_tokens, false)) {
     vocab_size_ = static_cast<int64_t>(spec.tokens.size());
     for (const AddedToken& token : spec.added_tokens) vocab_size_ = std::max<int64_t>(vocab_size_, token.id + 1);
@@ -357,6 +358,7 @@ class ByteLevelBpe final : public Tokenizer {
   int64_t vocab_size() const override { return vocab_size_; }
   int32_t bos_id() const override { return bos_id_; }
   int32_t eos_id() const override { return eos_id_; }
+  bool adds_bos() const override { return adds_bos_; }
   std::string kind() const override { return kind_; }
 
  private:
@@ -466,6 +468,7 @@ class ByteLevelBpe final : public Tokenizer {
   bool ignore_merges_;
   int32_t bos_id_;
   int32_t eos_id_;
+  bool adds_bos_;
   AddedTokenMatcher special_;
   AddedTokenMatcher non_special_;
   int64_t vocab_size_ = 0;

@@ -40,6 +40,7 @@ struct BpeSpec {
   bool ignore_merges = false;              // a piece that is itself a token is emitted whole
   int32_t bos_id = -1;
   int32_t eos_id = -1;
+  bool adds_bos = false;                   // Tokenizer::adds_bos
 };
 
 // Throws FormatError naming `where` when the vocabulary lacks a byte's token, a merge names an unknown

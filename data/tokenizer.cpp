@@ -97,6 +97,24 @@ int32_t find_token_id(const BpeSpec& spec, const std::string& content) {
   return -1;
 }
 
+// True when a post-processor (TemplateProcessing, possibly inside a Sequence) puts the token `id`
+// before a single text.
+bool template_starts_with(const Json& processor, int32_t id, const BpeSpec& spec, const std::string& where) {
+  if (!processor.is_object() || id < 0) return false;
+  const std::string type = json_string_or(processor, "type", "", where);
+  if (type == "Sequence" && processor.contains("processors") && processor.at("processors").is_array()) {
+    for (const Json& child : processor.at("processors"))
+      if (template_starts_with(child, id, spec, where)) return true;
+    return false;
+  }
+  if (type != "TemplateProcessing" || !processor.contains("single") || !processor.at("single").is_array() ||
+      processor.at("single").empty())
+    return false;
+  const Json& first = processor.at("single")[0];
+  if (!first.is_object() || !first.contains("SpecialToken") || !first.at("SpecialToken").is_object()) return false;
+  return find_token_id(spec, json_string_or(first.at("SpecialToken"), "id", "", where)) == id;
+}
+
 std::unique_ptr<Tokenizer> parse_tokenizer_json(const std::string& json_text, const std::string& bos_token,
                                                 const std::string& eos_token, const std::string& where) {
   const Json root = parse_json(json_text, where);
@@ -164,6 +182,7 @@ std::unique_ptr<Tokenizer> parse_tokenizer_json(const std::string& json_text, co
   if (spec.eos_id < 0)
     for (const char* name : {"<|end_of_text|>", "<|endoftext|>", "</s>"})
       if ((spec.eos_id = find_token_id(spec, name)) >= 0) break;
+  if (root.contains("post_processor")) spec.adds_bos = template_starts_with(root.at("post_processor"), spec.bos_id, spec, where);
   return make_byte_level_bpe(std::move(spec), where);
 }
 
@@ -221,6 +240,7 @@ std::unique_ptr<Tokenizer> load_gguf_tokenizer(const shard::GgufFile& file) {
   spec.steps = gguf_pre_tokenizer(file.get_string("tokenizer.ggml.pre", "default"), where);
   spec.bos_id = static_cast<int32_t>(file.get_int("tokenizer.ggml.bos_token_id", -1));
   spec.eos_id = static_cast<int32_t>(file.get_int("tokenizer.ggml.eos_token_id", -1));
+  spec.adds_bos = file.has_key("tokenizer.ggml.add_bos_token") && file.get_bool("tokenizer.ggml.add_bos_token");
   return make_byte_level_bpe(std::move(spec), where);
 }
 

@@ -28,6 +28,10 @@ class Tokenizer {
   virtual int32_t bos_id() const = 0;   // -1 when the tokenizer has none
   virtual int32_t eos_id() const = 0;   // -1 when the tokenizer has none
   virtual std::string kind() const = 0;  // "bytes", "tokenizer.json", "gguf" or "sentencepiece"
+  // Whether the reference tokenizer(text) (add_special_tokens=True, as TRL tokenizes plain-text
+  // records) puts the bos token first: a tokenizer.json TemplateProcessing post-processor that starts
+  // with it, or GGUF tokenizer.ggml.add_bos_token. False where the source does not say.
+  virtual bool adds_bos() const { return false; }
 };
 
 std::unique_ptr<Tokenizer> make_byte_tokenizer();

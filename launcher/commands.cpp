@@ -467,6 +467,7 @@ int run_eval(const std::vector<std::string>& arguments, CommandContext& context)
       ("windows", po::value<int64_t>()->default_value(eval.max_windows), "consecutive windows evaluated (at most)")
       ("micro-batch", po::value<int64_t>()->default_value(eval.micro_batch), "windows per forward on each rank")
       ("threads", po::value<int>()->default_value(0), "compute threads per rank (0: cores / ranks on the node)");
+  add_example_options(options);
   const auto values = parse(arguments, options, "eval");
   if (values.count("help")) {
     print_help("usage: [mpirun -np N] qlora eval --model model.h5 [--adapter runs/a/final] [--data held-out.txt]", options);
@@ -479,6 +480,7 @@ int run_eval(const std::vector<std::string>& arguments, CommandContext& context)
   eval.sequence_length = values["seq-len"].as<int64_t>();
   eval.max_windows = values["windows"].as<int64_t>();
   eval.micro_batch = values["micro-batch"].as<int64_t>();
+  read_example_options(values, eval.examples);
   assign_threads(context.layout, values["threads"].as<int>());
   const auto result = run_evaluation(eval, context.communicator);
   char line[256];
@@ -501,6 +503,7 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
       ("eval-data", po::value<std::string>(), "separate evaluation text (default: a held-out tail of --data)")
       ("eval-fraction", po::value<double>()->default_value(train.eval_fraction), "held-out share of --data for evaluation")
       ("out", po::value<std::string>()->default_value(train.out_dir), "run folder: metrics, memory report, adapter");
+  add_example_options(data_options);
   po::options_description schedule_options("Schedule");
   schedule_options.add_options()
       ("steps", po::value<int64_t>()->default_value(train.steps), "optimizer steps");
@@ -560,6 +563,7 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
     throw UserError("--resume " + train.resume + ": no such checkpoint folder",
                     "use --resume auto or a runs/NAME/checkpoints/step-K folder");
   read_job_options(values, train);
+  read_example_options(values, train.examples);
   train.out_dir = values["out"].as<std::string>();
   train.steps = values["steps"].as<int64_t>();
   train.learning_rate = values["lr"].as<double>();

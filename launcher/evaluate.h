@@ -7,6 +7,7 @@
 
 #include "cluster/communicator.h"
 #include "data/batch_sampler.h"
+#include "launcher/data_loading.h"
 #include "model/llama.h"
 
 namespace qlora::launcher {
@@ -24,6 +25,7 @@ struct EvalOptions {
   int64_t sequence_length = 128;
   int64_t max_windows = 64;
   int64_t micro_batch = 8;
+  ExampleOptions examples;        // how .jsonl/.json data becomes examples (load_data_examples)
 };
 
 struct EvalResult {

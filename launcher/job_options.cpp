@@ -98,6 +98,22 @@ void read_job_options(const po::variables_map& values, TrainOptions& options) {
   options.gather_slots = values["gather-slots"].as<int>();
 }
 
+void add_example_options(po::options_description& group) {
+  group.add_options()
+      ("data-format", po::value<std::string>()->default_value("auto"),
+       "instruction data (.jsonl/.json): auto | text | messages | prompt-completion | alpaca | sharegpt")
+      ("train-on", po::value<std::string>()->default_value("auto"),
+       "tokens in the loss: auto (completion for prompt-completion and Alpaca, else all) | all | completion | assistant")
+      ("chat-template", po::value<std::string>()->default_value(""),
+       "Jinja chat template file for conversations (default: the model's)");
+}
+
+void read_example_options(const po::variables_map& values, ExampleOptions& options) {
+  options.format = data::parse_data_format(values["data-format"].as<std::string>());
+  options.train_on = data::parse_train_on(values["train-on"].as<std::string>());
+  options.chat_template_path = values["chat-template"].as<std::string>();
+}
+
 std::string checkpointing_name(const prepare::PrepareOptions& prepare) {
   if (!prepare.use_gradient_checkpointing) return "off";
   return prepare.use_reentrant ? "reentrant" : "non-reentrant";

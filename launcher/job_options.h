@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "launcher/data_loading.h"
 #include "launcher/train.h"
 
 namespace qlora::launcher {
@@ -22,6 +23,11 @@ void add_memory_options(boost::program_options::options_description& group);  //
 // Reads the values of all four into `options` (model_path "" when --model is absent). Throws
 // UserError for a malformed pattern or an unknown checkpointing mode.
 void read_job_options(const boost::program_options::variables_map& values, TrainOptions& options);
+
+// Instruction data (train and eval): --data-format --train-on --chat-template, read into `options`
+// (UserError for an unknown format or --train-on choice).
+void add_example_options(boost::program_options::options_description& group);
+void read_example_options(const boost::program_options::variables_map& values, ExampleOptions& options);
 
 // --checkpointing as the user spells it: reentrant | non-reentrant | off.
 std::string checkpointing_name(const prepare::PrepareOptions& prepare);

@@ -12,6 +12,7 @@
 #include "cluster/communicator.h"
 #include "cluster/memory.h"
 #include "cluster/rank_layout.h"
+#include "launcher/data_loading.h"
 #include "model/llama.h"
 #include "model/lora.h"
 #include "prepare/prepare.h"
@@ -53,6 +54,7 @@ struct TrainOptions {
   std::string progress = "auto";   // auto (a bar on a terminal, lines otherwise) | bar | lines
   std::string banner;              // printed by rank 0 once setup has succeeded everywhere
   std::string resolved_config;     // saved as config.json in the run folder (the CLI's final option values)
+  ExampleOptions examples;         // how .jsonl/.json data becomes examples (load_data_examples)
 };
 
 struct TrainResult {

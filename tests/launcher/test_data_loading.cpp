@@ -3,11 +3,17 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
 #include "cluster/mpi_communicator.h"
 #include "common/errors.h"
+#include "common/json.h"
+#include "data/chat_template.h"
+#include "data/example_cache.h"
+#include "data/sft_dataset.h"
+#include "data/sft_examples.h"
 #include "data/token_cache.h"
 #include "data/token_stream.h"
 #include "launcher/data_loading.h"
@@ -71,6 +77,104 @@ TEST(LoadDataTokens, UsesTheStoresTokenizerAndAcceptsPreTokenizedFiles) {
   // A synthetic store tokenizes text as bytes, with no end-of-text token.
   EXPECT_EQ(all_tokens(*load_data_tokens((folder / "data.txt").string(), *micro, *communicator, true)),
             data::byte_tokens(text));
+}
+
+TEST(LoadDataExamples, TokenizesInstructionDataOnceAndLeavesTextToTheTokenPath) {
+  auto communicator = cluster::make_mpi_communicator(MPI_COMM_SELF);
+  const fs::path folder = fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "examples";
+  fs::create_directories(folder);
+  // The micro store tokenizes as bytes and carries no chat template.
+  const auto store = shard::ModelStore::open(testing_support::synthetic_store("micro", 64, MPI_COMM_SELF));
+  const std::string chats = (folder / "chats.jsonl").string();
+  fs::copy_file(source_dir() + "/tests/fixtures/sft/messages.jsonl", chats, fs::copy_options::overwrite_existing);
+  fs::remove(data::example_cache_path(chats));
+  write_file(folder / "notes.txt", "plain text\n");
+
+  ExampleOptions options;
+  EXPECT_FALSE(load_data_examples((folder / "notes.txt").string(), options, *store, *communicator, true).has_value());
+  EXPECT_FALSE(load_data_examples("", options, *store, *communicator, true).has_value());
+  EXPECT_FALSE(is_instruction_data((folder / "notes.txt").string(), options));
+  EXPECT_TRUE(is_instruction_data(chats, options));
+
+  // Conversations without a template: the hint names --chat-template.
+  try {
+    load_data_examples(chats, options, *store, *communicator, true);
+    ADD_FAILURE() << "conversations tokenized without a chat template";
+  } catch (const UserError& error) {
+    EXPECT_NE(std::string(error.what()).find("needs a chat template"), std::string::npos) << error.what();
+  }
+  EXPECT_FALSE(fs::exists(data::example_cache_path(chats)));
+
+  options.chat_template_path = source_dir() + "/tests/fixtures/sft/chatml.jinja";
+  options.train_on = data::TrainOn::assistant;
+  const auto examples = load_data_examples(chats, options, *store, *communicator, true);
+  ASSERT_TRUE(examples.has_value());
+  // The same as tokenizing here with the store's (byte) tokenizer and the template file.
+  const auto tokenizer = data::make_byte_tokenizer();
+  const data::ChatTemplate chat_template(testing_support::read_file(options.chat_template_path), "chatml.jinja");
+  const Json variables = {{"bos_token", ""}, {"eos_token", ""}};
+  const data::ConversationRenderer render = [&](const Json& messages, bool add_generation_prompt) {
+    return chat_template.render(messages, add_generation_prompt, variables);
+  };
+  const auto expected = data::tokenize_sft_dataset(data::read_sft_dataset(chats), *tokenizer, render, data::TrainOn::assistant);
+  ASSERT_EQ(examples->size(), expected.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    EXPECT_EQ((*examples)[i].tokens, expected[i].tokens) << i;
+    EXPECT_EQ((*examples)[i].counted, expected[i].counted) << i;
+  }
+  // "<|im_start|>user\n" as bytes opens the first example; its user turn is not counted.
+  EXPECT_EQ((*examples)[0].tokens[0], '<');
+  EXPECT_EQ((*examples)[0].counted[0], 0);
+  ASSERT_TRUE(fs::exists(data::example_cache_path(chats)));
+  const auto written = fs::last_write_time(data::example_cache_path(chats));
+  const auto again = load_data_examples(chats, options, *store, *communicator, true);
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(fs::last_write_time(data::example_cache_path(chats)), written);
+  EXPECT_EQ((*again)[3].counted, expected[3].counted);
+
+  // Choices that do not fit the data are refused on every path.
+  options.train_on = data::TrainOn::completion;
+  EXPECT_THROW(load_data_examples(chats, options, *store, *communicator, true), UserError);
+  EXPECT_THROW(load_data_examples((folder / "notes.txt").string(), options, *store, *communicator, true), UserError);
+  options.train_on = data::TrainOn::automatic;
+  options.format = data::DataFormat::messages;
+  EXPECT_THROW(is_instruction_data(folder.string(), options), UserError);
+  EXPECT_TRUE(is_instruction_data((folder / "notes.txt").string(), options));  // forced: read as JSONL
+  options.chat_template_path = (folder / "missing.jinja").string();
+  EXPECT_THROW(load_data_examples(chats, options, *store, *communicator, true), UserError);
+}
+
+// The whole path on a real model: SmolLM2's GGUF converted to a store carries its tokenizer and chat
+// template, and the loader's examples equal TRL's (tests/fixtures/sft/expected.json) without any
+// --chat-template.
+TEST(LoadDataExamples, UseTheTemplateStoredFromSmolLM2sGguf) {
+  const char* gguf = std::getenv("QLORA_SMOLLM2_GGUF");
+  if (gguf == nullptr || !fs::exists(gguf)) GTEST_SKIP() << "set QLORA_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf to run";
+  auto communicator = cluster::make_mpi_communicator(MPI_COMM_SELF);
+  const fs::path folder = fs::path(testing_support::shared_temp_dir(MPI_COMM_SELF)) / "examples-smollm2";
+  fs::create_directories(folder);
+  const std::string store_path = (folder / "smollm2.h5").string();
+  shard::convert_gguf_file(gguf, store_path, shard::ConvertOptions{});
+  const auto store = shard::ModelStore::open(store_path);
+  ASSERT_FALSE(store->header().chat_template.empty());
+  const Json expected = parse_json(testing_support::read_file(source_dir() + "/tests/fixtures/sft/expected.json"),
+                                   "expected.json")["cases"]["smollm2"];
+  for (const char* file : {"sharegpt.jsonl", "alpaca.json"}) {
+    const std::string data = (folder / file).string();
+    fs::copy_file(source_dir() + "/tests/fixtures/sft/" + file, data, fs::copy_options::overwrite_existing);
+    ExampleOptions options;
+    options.train_on = data::TrainOn::assistant;
+    const auto examples = load_data_examples(data, options, *store, *communicator, true);
+    ASSERT_TRUE(examples.has_value());
+    const Json& cases = expected.at(file);
+    ASSERT_EQ(examples->size(), cases.size());
+    for (size_t i = 0; i < cases.size(); ++i) {
+      EXPECT_EQ((*examples)[i].tokens, cases[i]["input_ids"].get<std::vector<int32_t>>()) << file << " " << i;
+      std::vector<uint8_t> mask;
+      for (const Json& bit : cases[i]["assistant"]) mask.push_back(static_cast<uint8_t>(bit.get<int>()));
+      EXPECT_EQ((*examples)[i].counted, mask) << file << " " << i;
+    }
+  }
 }
 
 }  // namespace
