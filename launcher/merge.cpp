@@ -581,7 +581,7 @@ MergeSummary run_merge(const MergeOptions& options, cluster::Communicator& commu
     store = shard::ModelStore::open(options.model_path);
     adapter = open_adapter(options.adapter_dir, *store);
     if (gguf) {
-      plan = plan_gguf(*store, ggml_type_of(options.gguf_type), fs::path(final_path).stem().string());
+      plan = plan_gguf(*store, ggml_type_of(options.gguf_type), fs::path(options.model_path).stem().string());
     } else {
       dtype = output_dtype_of(options.dtype, store->header().config);
       plan = plan_hf(*store, dtype, options.max_shard_bytes);
