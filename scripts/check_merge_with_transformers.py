@@ -13,9 +13,12 @@ alpha 16, all seven projections, non-zero B), then
      undoing llama.cpp's Q/K row order F16 equals the fp32 merge cast to fp16, and the Q8_0 bytes
      equal gguf.quants.quantize of the merged fp32 weights; transformers' GGUF loader
      (from_pretrained(..., gguf_file=)) loads the F16 file and its loss agrees with the folder's
-     within 1e-3 relative (fp16 weights).
+     within 1e-3 relative (fp16 weights);
+  4. when the folder has a tokenizer.json (SmolLM2: written from the GGUF's tokenizer metadata),
+     transformers' AutoTokenizer on the folder gives the source tokenizer's ids for the text.
 Models: synthetic `tiny` (hidden 256, byte tokens) and, with --smollm2, SmolLM2-135M-Instruct
-(its GGUF converted by qlora, tokenized for transformers from the same GGUF).
+(its GGUF converted by qlora, tokenized for transformers from the same GGUF with SmolLM2's
+        Digits-then-ByteLevel pre-tokenizer).
 
 Needs: torch, transformers, gguf, safetensors, numpy (e.g. /work/fixvenv). Run from the repo root:
   /work/fixvenv/bin/python scripts/check_merge_with_transformers.py --qlora build/qlora \
@@ -161,6 +164,17 @@ def check_model(label, qlora, store, work, text, tokenize, seed):
           f"qlora eval, unmerged adapter: {qlora_loss:.6f} (relative difference {relative:.2e}); "
           f"without the adapter: {base_loss:.6f}")
     assert relative <= 1e-4, relative
+    tokenizer_result = None
+    if os.path.exists(os.path.join(merged_dir, "tokenizer.json")):
+        # The folder's own tokenizer (qlora wrote tokenizer.json from the GGUF metadata) must give the
+        # ids the source tokenizer gives.
+        folder_tokenizer = transformers.AutoTokenizer.from_pretrained(merged_dir)
+        folder_ids = folder_tokenizer(text, add_special_tokens=False).input_ids + [folder_tokenizer.eos_token_id]
+        assert folder_ids == ids, "the merged folder's tokenizer.json tokenizes differently"
+        tokenizer_result = {"tokens": len(ids), "equal_ids": True, "eos": folder_tokenizer.eos_token,
+                            "bos": folder_tokenizer.bos_token}
+        print(f"  the folder's tokenizer.json gives the source tokenizer's {len(ids)} ids "
+              f"(bos {folder_tokenizer.bos_token!r}, eos {folder_tokenizer.eos_token!r})")
     merged = load_file(os.path.join(merged_dir, "model.safetensors"))
     gguf_results = check_gguf(qlora, store, adapter, work, merged, config)
     gguf_model = transformers.AutoModelForCausalLM.from_pretrained(work, gguf_file="merged_f16.gguf",
@@ -173,7 +187,7 @@ def check_model(label, qlora, store, work, text, tokenize, seed):
     return {"model": label, "transformers_missing_unexpected_mismatched": 0, "seq_len": SEQ_LEN, "windows": windows,
             "qlora_eval_unmerged_loss": qlora_loss, "transformers_merged_loss": hf_loss, "relative_difference": relative,
             "base_loss_without_adapter": base_loss, "gguf": gguf_results, "transformers_gguf_f16_loss": gguf_loss,
-            "transformers_gguf_f16_relative": gguf_relative}
+            "transformers_gguf_f16_relative": gguf_relative, "folder_tokenizer": tokenizer_result}
 
 
 def main():
@@ -202,6 +216,13 @@ def main():
             run([qlora, "convert", "--from", args.smollm2, "--out", store])
             tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(args.smollm2),
                                                                    gguf_file=os.path.basename(args.smollm2))
+            # transformers' GGUF loader drops the Digits step of SmolLM2's pre-tokenizer (GGUF "smollm");
+            # SmolLM2's own tokenizer.json, llama.cpp and qlora split digits first (as
+            # scripts/make_tokenizer_fixtures.py records), so the reference puts it back.
+            from tokenizers import pre_tokenizers
+            tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
             results.append(check_model("SmolLM2-135M-Instruct (nf4)", qlora, store, smol, text,
                                        lambda t: tokenizer(t, add_special_tokens=False).input_ids
                                        + [tokenizer.eos_token_id], 2))
