@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <iostream>
 #include <memory>
@@ -495,7 +496,13 @@ class MergeProgress {
   std::chrono::steady_clock::time_point start_;
 };
 
+// This process image's peak resident set: VmHWM, not getrusage's ru_maxrss, which keeps the peak of
+// the process before exec (a Python parent with torch loaded reported 0.9 GiB for a 0.38 GiB merge).
 int64_t peak_rss_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
   struct rusage usage {};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<int64_t>(usage.ru_maxrss) * 1024;
