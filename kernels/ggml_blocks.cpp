@@ -2,6 +2,8 @@
 // ggml's dequantize_row_*: there is no faster path to check against them yet.
 #include "kernels/ggml_blocks.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 
@@ -123,6 +125,25 @@ void dequantize_ggml(uint32_t type, const uint8_t* data, int64_t n, float* outpu
     case ggml_type::q4_0: dequantize_q4_0(data, n / 32, output); return;
     case ggml_type::q4_1: dequantize_q4_1(data, n / 32, output); return;
     default: break;
+  }
+}
+
+void quantize_q8_0(const float* input, int64_t n, uint8_t* output) {
+  if (n < 0 || n % 32 != 0)
+    throw std::invalid_argument("quantize_q8_0: " + std::to_string(n) + " elements is not a whole number of Q8_0 blocks");
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const float* values = input + b * 32;
+    uint8_t* block = output + b * 34;
+    float largest = 0.0f;
+    for (int j = 0; j < 32; ++j) largest = std::max(largest, std::fabs(values[j]));
+    // ggml scales by the reciprocal of the fp32 d (not of its fp16 rounding), so codes may reach
+    // +-127 exactly; roundf rounds halves away from zero like ggml's and numpy's np_roundf.
+    const float d = largest / 127.0f;
+    const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
+    const uint16_t d_bits = float_to_fp16(d);
+    std::memcpy(block, &d_bits, sizeof d_bits);
+    for (int j = 0; j < 32; ++j)
+      block[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::roundf(values[j] * inverse)));
   }
 }
 

@@ -33,4 +33,11 @@ bool ggml_type_dequantizable(uint32_t type);         // F32, F16, BF16, Q8_0, Q4
 // block.
 void dequantize_ggml(uint32_t type, const uint8_t* data, int64_t n, float* output);
 
+// Encodes n fp32 values (n a multiple of 32) as Q8_0 blocks (34 bytes each: fp16 d, int8 q[32]) as
+// ggml's quantize_row_q8_0_ref and the gguf Python package do: d = max|x| / 127, q = round half away
+// from zero of x * (1/d), d stored as fp16; an all-zero block stores d = 0 and q = 0. Every value
+// decodes to within d/2 of its input plus the fp16 rounding of d. Throws std::invalid_argument for a
+// partial block.
+void quantize_q8_0(const float* input, int64_t n, uint8_t* output);
+
 }  // namespace qlora::kernels

@@ -87,13 +87,18 @@ void write_peft_adapter(const std::string& directory, const std::vector<std::pai
   write_file_atomically(directory + "/adapter_config.json", dump_json(adapter_config, 2) + "\n");
 }
 
-void load_peft_adapter(const std::string& directory, model::LlamaModelImpl& model) {
+model::LoraConfig read_peft_adapter_config(const std::string& directory) {
   const std::string config_path = directory + "/adapter_config.json";
   std::ifstream config_file(config_path);
   if (!config_file) throw UserError("cannot read " + config_path, "point --adapter at a folder saved by qlora or PEFT");
   std::stringstream text;
   text << config_file.rdbuf();
-  const model::LoraConfig lora = read_lora_config(parse_json(text.str(), config_path), config_path);
+  return read_lora_config(parse_json(text.str(), config_path), config_path);
+}
+
+void load_peft_adapter(const std::string& directory, model::LlamaModelImpl& model) {
+  const std::string config_path = directory + "/adapter_config.json";
+  const model::LoraConfig lora = read_peft_adapter_config(directory);
   try {
     model.add_lora(lora, 0);
   } catch (const std::invalid_argument& error) {

@@ -17,6 +17,10 @@ namespace qlora::launcher {
 void write_peft_adapter(const std::string& directory, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                         const model::LoraConfig& config, const std::string& base_model);
 
+// The LoRA settings of `directory`/adapter_config.json (r, alpha, rsLoRA, targets, rank and alpha
+// patterns). Throws UserError naming the file when it is missing, unreadable or not a LoRA adapter.
+model::LoraConfig read_peft_adapter_config(const std::string& directory);
+
 // Attaches the adapter saved in `directory` (from qlora or PEFT) to `model`. Throws UserError naming
 // the file on a mismatch.
 void load_peft_adapter(const std::string& directory, model::LlamaModelImpl& model);

@@ -96,6 +96,7 @@ std::string usage() {
          "  convert   write a 4-bit model store (model.h5) from a Hugging Face folder or a synthetic preset\n"
          "  eval      loss and perplexity of a model, with or without a PEFT adapter\n"
          "  inspect   print a model store and, with --world N, each rank's shard\n"
+         "  merge     fold a LoRA adapter into the base model: a Hugging Face folder or a GGUF file\n"
          "  report    PNG plots (loss, learning rate, throughput, memory per rank) and report.md of a run folder\n"
          "\n"
          "`qlora <command> --help` lists a command's options.\n";

@@ -22,6 +22,8 @@ int run_eval(const std::vector<std::string>& arguments, CommandContext& context)
 int run_plan(const std::vector<std::string>& arguments, CommandContext& context);
 int run_inspect(const std::vector<std::string>& arguments, CommandContext& context);
 int run_report(const std::vector<std::string>& arguments, CommandContext& context);
+// Defined in launcher/merge.cpp.
+int run_merge(const std::vector<std::string>& arguments, CommandContext& context);
 
 std::string usage();
 

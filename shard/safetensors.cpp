@@ -586,4 +586,39 @@ void SafetensorsWriter::write(const std::string& path) const {
   }
 }
 
+SafetensorsLayout plan_safetensors(const std::vector<SafetensorsTensorSpec>& tensors,
+                                   const std::map<std::string, std::string>& metadata) {
+  Json header = Json::object();
+  if (!metadata.empty()) header[kMetadataKey] = metadata;
+  SafetensorsLayout layout;
+  uint64_t offset = 0;
+  for (const auto& tensor : tensors) {
+    if (tensor.name == kMetadataKey || header.contains(tensor.name))
+      throw std::invalid_argument("plan_safetensors: " + tensor_label(tensor.name) + " is reserved or given twice");
+    uint64_t bytes = 0;
+    std::string problem;
+    if (!tensor_bytes(tensor.shape, kernels::dtype_size(tensor.dtype) * 8, &bytes, &problem))
+      throw std::invalid_argument("plan_safetensors: " + tensor_label(tensor.name) + ": " + problem);
+    Json& entry = header[tensor.name];
+    entry["dtype"] = code_of(tensor.dtype);
+    entry["shape"] = tensor.shape;
+    entry["data_offsets"] = Json::array({offset, offset + bytes});
+    layout.file_offsets.push_back(offset);
+    layout.tensor_bytes.push_back(bytes);
+    offset += bytes;
+  }
+  std::string header_text = dump_json(header);
+  header_text.append((8 - header_text.size() % 8) % 8, ' ');
+  if (header_text.size() > kMaxHeaderBytes)
+    throw FormatError("safetensors header of " + std::to_string(header_text.size()) +
+                      " bytes exceeds the format's limit", "write smaller shards (--max-shard-size)");
+  layout.header.assign(8, '\0');
+  const uint64_t length = header_text.size();
+  for (int i = 0; i < 8; ++i) layout.header[i] = static_cast<char>((length >> (8 * i)) & 0xff);
+  layout.header += header_text;
+  for (auto& file_offset : layout.file_offsets) file_offset += layout.header.size();
+  layout.file_size = layout.header.size() + offset;
+  return layout;
+}
+
 }  // namespace qlora::shard

@@ -96,4 +96,24 @@ class SafetensorsWriter {
   std::map<std::string, std::string> metadata_;
 };
 
+// A safetensors file planned before any of its data exists: the header bytes (8-byte length, JSON
+// padded with spaces to a multiple of 8) and each tensor's absolute byte range in the file, laid out
+// contiguously in the order given. Several writers can then fill disjoint tensors of one file at
+// known offsets (qlora merge under mpirun); SafetensorsFile::open reads the result.
+struct SafetensorsTensorSpec {
+  std::string name;
+  kernels::DType dtype;
+  std::vector<int64_t> shape;
+};
+struct SafetensorsLayout {
+  std::string header;                  // the first header.size() bytes of the file
+  std::vector<uint64_t> file_offsets;  // per tensor, in the order given: where its bytes start
+  std::vector<uint64_t> tensor_bytes;  // per tensor: numel * dtype size
+  uint64_t file_size = 0;
+};
+// std::invalid_argument for a duplicate or reserved name (a caller's bug); FormatError when the
+// header would exceed the format's limit.
+SafetensorsLayout plan_safetensors(const std::vector<SafetensorsTensorSpec>& tensors,
+                                   const std::map<std::string, std::string>& metadata);
+
 }  // namespace qlora::shard
