@@ -140,6 +140,7 @@ TEST(DoraTraining, ResumingOnTwoRanksContinuesBitwise) {
   options.out_dir = folder + "/dora-interrupted";
   options.steps = kSteps / 2;
   const auto first_half = run_training(options, *communicator);
+  MPI_Barrier(MPI_COMM_WORLD);  // rank 0 writes the checkpoint after the others have returned
   ASSERT_TRUE(std::filesystem::exists(options.out_dir + "/checkpoints/step-4/adapter_model.safetensors"));
   options.steps = kSteps;
   options.resume = "auto";
