@@ -77,6 +77,7 @@ struct BlockAdapters {
   // adapted projection; with dropout the dropped input's base product and the update, twice that),
   // and the widest adapted output, which a projection holds once more while it scales.
   int64_t dora_saved_columns = 0;
+  int64_t dora_attention_input_columns = 0;  // of which q, k and v's, alive until the attention's backward
   int64_t dora_widest_output = 0;
 };
 
@@ -128,6 +129,8 @@ BlockAdapters block_adapters(const shard::ModelConfig& config, const model::Lora
     if (lora.use_dora) {
       adapters.elements += shape[0];  // the magnitude vector
       adapters.dora_saved_columns += (lora.dropout > 0 ? 2 : 1) * shape[0];
+      if (target == "q_proj" || target == "k_proj" || target == "v_proj")
+        adapters.dora_attention_input_columns += (lora.dropout > 0 ? 2 : 1) * shape[0];
       adapters.dora_widest_output = std::max(adapters.dora_widest_output, shape[0]);
     }
     if (lora.dropout > 0) {
@@ -186,9 +189,14 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, co
   // with intermediate/hidden 2.75 and 5.5, GQA and MHA, sequence lengths 64-1024; test_plan guards them.
   const int64_t hidden_elements = s.tokens * s.hidden;
   const int64_t intermediate_elements = s.tokens * s.intermediate;
+  // DoRA's kept products go with their phase: the MLP's and o_proj's are released before the
+  // attention's backward (measured: only q, k and v's remain at its peak).
+  const int64_t dora_released_before_attention =
+      s.tokens * (adapters.dora_saved_columns - adapters.dora_attention_input_columns);
   const int64_t block_backward =
       saved + std::max(7 * intermediate_elements / 3 - hidden_elements / 2 + largest_weight,
-                       9 * s.scores / 4 - 3 * intermediate_elements - 6 * hidden_elements) * element;
+                       9 * s.scores / 4 - 3 * intermediate_elements - 6 * hidden_elements -
+                           dora_released_before_attention) * element;
   if (checkpointing) {
     const int64_t kept_inputs = layers * hidden_bytes;
     result.forward = std::max({kept_inputs + block_peak_without_grad(s, adapters, largest_weight, mask_bytes, element),
