@@ -23,7 +23,7 @@ model::LoraConfig read_lora_config(const Json& config, const std::string& path) 
   lora.alpha = json_double_or(config, "lora_alpha", 8.0, path);
   lora.dropout = json_double_or(config, "lora_dropout", 0.0, path);
   lora.use_rslora = json_bool_or(config, "use_rslora", false, path);
-  if (json_bool_or(config, "use_dora", false, path)) throw UserError(path + ": DoRA adapters are not supported");
+  lora.use_dora = json_bool_or(config, "use_dora", false, path);
   const auto targets = config.find("target_modules");
   if (targets == config.end()) throw FormatError(path + ": missing field \"target_modules\"");
   lora.target_modules.clear();
@@ -70,7 +70,7 @@ void write_peft_adapter(const std::string& directory, const std::vector<std::pai
   adapter_config["bias"] = "none";
   adapter_config["fan_in_fan_out"] = false;
   adapter_config["use_rslora"] = config.use_rslora;
-  adapter_config["use_dora"] = false;
+  adapter_config["use_dora"] = config.use_dora;
   adapter_config["init_lora_weights"] = config.init == "gaussian" ? Json("gaussian") : Json(true);
   adapter_config["modules_to_save"] = nullptr;
   adapter_config["layers_to_transform"] = nullptr;

@@ -66,6 +66,9 @@ void add_lora_options(po::options_description& group) {
       ("lora-rank-pattern", po::value<std::string>()->default_value(""),
        "per-module ranks, e.g. down_proj=16,model.layers.0.self_attn.q_proj=4")
       ("lora-alpha-pattern", po::value<std::string>()->default_value(""), "per-module alphas, same syntax");
+  // DoRA (PEFT's use_dora).
+  group.add_options()
+      ("use-dora", po::bool_switch(), "DoRA: also learn a magnitude per output row (PEFT's use_dora)");
 }
 
 void add_memory_options(po::options_description& group) {
@@ -89,6 +92,7 @@ void read_job_options(const po::variables_map& values, TrainOptions& options) {
   options.lora.init = values["lora-init"].as<std::string>();
   options.lora.use_rslora = values["use-rslora"].as<bool>();
   read_patterns(values, options.lora);
+  options.lora.use_dora = values["use-dora"].as<bool>();
   const std::string checkpointing = values["checkpointing"].as<std::string>();
   if (checkpointing != "reentrant" && checkpointing != "non-reentrant" && checkpointing != "off")
     throw UserError("--checkpointing must be reentrant, non-reentrant or off");

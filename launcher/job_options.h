@@ -17,7 +17,7 @@ namespace qlora::launcher {
 // Each adds its options to `group`, a help section of the calling command.
 void add_model_option(boost::program_options::options_description& group);    // --model
 void add_batch_options(boost::program_options::options_description& group);   // --global-batch --seq-len --micro-batch
-void add_lora_options(boost::program_options::options_description& group);    // --lora-* --use-rslora
+void add_lora_options(boost::program_options::options_description& group);    // --lora-* --use-rslora --use-dora
 void add_memory_options(boost::program_options::options_description& group);  // --checkpointing --keep-embeddings-16bit --gather-slots
 
 // Reads the values of all four into `options` (model_path "" when --model is absent). Throws

@@ -73,16 +73,24 @@ struct BlockAdapters {
   int64_t elements = 0;
   int64_t dropout_inputs = 0;
   int64_t kept_inputs = 0;
+  // DoRA: output columns autograd keeps for the magnitudes' gradients (the unscaled product per
+  // adapted projection; with dropout the dropped input's base product and the update, twice that),
+  // and the widest adapted output, which a projection holds once more while it scales.
+  int64_t dora_saved_columns = 0;
+  int64_t dora_attention_input_columns = 0;  // of which q, k and v's, alive until the attention's backward
+  int64_t dora_widest_output = 0;
 };
 
 // Tensors alive at the peak of one block run without autograd (the checkpointed forward). The block
 // drops its locals as soon as nothing reads them, so the attention and the MLP peak separately:
 // softmax holds the scores and their probabilities next to v; the MLP holds gate, up and their
 // product next to the residual stream, and a projection its dequantized weight and output.
-int64_t block_peak_without_grad(const Shape& s, int64_t weight_elements, int64_t mask_bytes, int64_t element) {
+int64_t block_peak_without_grad(const Shape& s, const BlockAdapters& adapters, int64_t weight_elements,
+                                int64_t mask_bytes, int64_t element) {
   const int64_t during_softmax = s.tokens * (s.hidden + s.key_value) + 2 * s.scores;
   const int64_t during_mlp = s.tokens * (3 * s.hidden + 4 * s.intermediate);  // gate; up's product, A(x)B, sum
-  const int64_t during_projection = s.tokens * (3 * s.hidden + 2 * s.intermediate) + weight_elements;
+  const int64_t during_projection =
+      s.tokens * (3 * s.hidden + 2 * s.intermediate + adapters.dora_widest_output) + weight_elements;
   return std::max({during_softmax, during_mlp, during_projection}) * element + mask_bytes;
 }
 
@@ -93,7 +101,7 @@ int64_t block_peak_without_grad(const Shape& s, int64_t weight_elements, int64_t
 int64_t block_saved_for_backward(const Shape& s, const BlockAdapters& adapters, int64_t mask_bytes, int64_t element) {
   int64_t elements = s.tokens * (4 * s.hidden + 2 + s.query + 2 * s.key_value + 2 * s.intermediate);
   elements += s.scores;
-  elements += s.tokens * (adapters.kept_inputs + adapters.rows + 2 * adapters.dropout_inputs);
+  elements += s.tokens * (adapters.kept_inputs + adapters.rows + 2 * adapters.dropout_inputs + adapters.dora_saved_columns);
   return elements * element + mask_bytes;
 }
 
@@ -118,6 +126,13 @@ BlockAdapters block_adapters(const shard::ModelConfig& config, const model::Lora
     const int64_t r = lora.for_module(shard::layer_prefix(0) + linear).r;
     adapters.rows += r;
     adapters.elements += r * (shape[0] + shape[1]);
+    if (lora.use_dora) {
+      adapters.elements += shape[0];  // the magnitude vector
+      adapters.dora_saved_columns += (lora.dropout > 0 ? 2 : 1) * shape[0];
+      if (target == "q_proj" || target == "k_proj" || target == "v_proj")
+        adapters.dora_attention_input_columns += (lora.dropout > 0 ? 2 : 1) * shape[0];
+      adapters.dora_widest_output = std::max(adapters.dora_widest_output, shape[0]);
+    }
     if (lora.dropout > 0) {
       adapters.dropout_inputs += shape[1];
     } else {
@@ -174,12 +189,17 @@ Activations activations(const shard::ModelConfig& config, const PlanJob& job, co
   // with intermediate/hidden 2.75 and 5.5, GQA and MHA, sequence lengths 64-1024; test_plan guards them.
   const int64_t hidden_elements = s.tokens * s.hidden;
   const int64_t intermediate_elements = s.tokens * s.intermediate;
+  // DoRA's kept products go with their phase: the MLP's and o_proj's are released before the
+  // attention's backward (measured: only q, k and v's remain at its peak).
+  const int64_t dora_released_before_attention =
+      s.tokens * (adapters.dora_saved_columns - adapters.dora_attention_input_columns);
   const int64_t block_backward =
       saved + std::max(7 * intermediate_elements / 3 - hidden_elements / 2 + largest_weight,
-                       9 * s.scores / 4 - 3 * intermediate_elements - 6 * hidden_elements) * element;
+                       9 * s.scores / 4 - 3 * intermediate_elements - 6 * hidden_elements -
+                           dora_released_before_attention) * element;
   if (checkpointing) {
     const int64_t kept_inputs = layers * hidden_bytes;
-    result.forward = std::max({kept_inputs + block_peak_without_grad(s, largest_weight, mask_bytes, element),
+    result.forward = std::max({kept_inputs + block_peak_without_grad(s, adapters, largest_weight, mask_bytes, element),
                                kept_inputs + hidden_bytes + final_norm + loss_forward, embedding_lookup});
     result.backward = std::max(kept_inputs + final_norm + loss_backward, kept_inputs + hidden_bytes + block_backward);
   } else {
@@ -434,11 +454,11 @@ std::string format_plan(const Plan& plan) {
                 static_cast<long long>(config.vocab_size), static_cast<double>(plan.parameters) / 1e9);
   out << line;
   std::snprintf(line, sizeof line,
-                "job: %d ranks on %d node(s), micro-batch %lld x %lld tokens, %lld accumulation step(s), LoRA r=%lld on %zu "
+                "job: %d ranks on %d node(s), micro-batch %lld x %lld tokens, %lld accumulation step(s), %s r=%lld on %zu "
                 "projections, %s%s blocksize %lld, checkpointing %s, embeddings %s, optimizer %s, compute %s\n",
                 job.world, plan.nodes, static_cast<long long>(job.micro_batch),
                 static_cast<long long>(job.sequence_length), static_cast<long long>(job.accumulation_steps),
-                static_cast<long long>(job.lora.r), job.lora.resolved_targets().size(), job.quant.c_str(),
+                job.lora.use_dora ? "DoRA" : "LoRA", static_cast<long long>(job.lora.r), job.lora.resolved_targets().size(), job.quant.c_str(),
                 job.double_quant ? " + double quantization," : ",", static_cast<long long>(job.blocksize),
                 job.checkpointing ? "on" : "off", job.embeddings_16bit ? "16-bit" : "fp32", job.optimizer.c_str(),
                 job.compute_dtype.c_str());
@@ -534,6 +554,7 @@ Json plan_json(const Plan& plan, const std::vector<FitPoint>* fit) {
   job_json["lora_r"] = job.lora.r;
   job_json["lora_rank_pattern"] = job.lora.rank_pattern;
   job_json["lora_dropout"] = job.lora.dropout;
+  job_json["lora_use_dora"] = job.lora.use_dora;
   job_json["lora_targets"] = job.lora.resolved_targets();
   job_json["quant"] = job.quant;
   job_json["blocksize"] = job.blocksize;

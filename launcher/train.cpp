@@ -196,9 +196,12 @@ void attach_training_state(Run& run) {
   int64_t adapter_parameters = 0;
   for (const auto& parameter : run.parameters) adapter_parameters += parameter.numel();
   char lora_line[200];
-  std::snprintf(lora_line, sizeof lora_line, "lora: r=%lld alpha=%g dropout=%g on %zu projections, %lld trainable parameters",
-                static_cast<long long>(options.lora.r), options.lora.alpha, options.lora.dropout,
-                run.parameters.size() / 2, static_cast<long long>(adapter_parameters));
+  // DoRA adds a magnitude vector to each projection's two matrices.
+  const size_t tensors_per_projection = options.lora.use_dora ? 3 : 2;
+  std::snprintf(lora_line, sizeof lora_line, "%s: r=%lld alpha=%g dropout=%g on %zu projections, %lld trainable parameters",
+                options.lora.use_dora ? "dora" : "lora", static_cast<long long>(options.lora.r), options.lora.alpha,
+                options.lora.dropout, run.parameters.size() / tensors_per_projection,
+                static_cast<long long>(adapter_parameters));
   log::banner(lora_line);
 
   // Backward produces gradients from the last block to the first: bucket them in that order.

@@ -189,6 +189,27 @@ struct FrozenQuantizedLinear : public torch::autograd::Function<FrozenQuantizedL
   }
 };
 
+// The same frozen product for a DoRA projection, whose caller has already dequantized W (it also
+// needs it for the weight norm): forward uses that weight and keeps no reference to it; backward
+// dequantizes again like FrozenQuantizedLinear.
+struct FrozenLinearGivenWeight : public torch::autograd::Function<FrozenLinearGivenWeight> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* context, torch::Tensor x, torch::Tensor weight,
+                               int64_t block_address, int64_t tensor_index) {
+    context->saved_data["block"] = block_address;
+    context->saved_data["tensor"] = tensor_index;
+    return torch::matmul(x, weight.t());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
+                                                 torch::autograd::variable_list grad_outputs) {
+    auto* block = reinterpret_cast<DecoderBlockImpl*>(context->saved_data["block"].toInt());
+    const auto tensor_index = static_cast<size_t>(context->saved_data["tensor"].toInt());
+    auto grad_input = torch::matmul(grad_outputs[0], block->dequantize_weight(tensor_index));
+    block->prefetch_previous_block();
+    return {grad_input, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 torch::Tensor dequantize_gathered(const cluster::GatheredBlock& block, size_t tensor_index, kernels::QuantType type,
@@ -267,9 +288,9 @@ void DecoderBlockImpl::add_lora(const LoraConfig& config, at::Generator& init_ge
       if (full_name.substr(full_name.find('.') + 1) != target) continue;
       const std::string module_name = shard::layer_prefix(layer) + full_name;
       const auto& shape = linear_shapes_[index];
-      adapters.insert_or_assign(target, register_module("lora_" + target,
-                                                        LoraAdapter(shape[1], shape[0], config.for_module(module_name),
-                                                                    init_generator)));
+      auto adapter = LoraAdapter(shape[1], shape[0], config.for_module(module_name), init_generator);
+      if (adapter->use_dora()) adapter->initialise_magnitude(dequantize_weight(index));
+      adapters.insert_or_assign(target, register_module("lora_" + target, adapter));
     }
   }
 }
@@ -288,18 +309,29 @@ torch::Tensor DecoderBlockImpl::project(const std::string& name, size_t tensor_i
   // Two-dimensional rows, so the adapter can add its update into the frozen product in place.
   const int64_t out_features = linear_shapes_[tensor_index][0];
   const auto rows = x.reshape({-1, x.size(-1)});
-  auto output = FrozenQuantizedLinear::apply(rows, reinterpret_cast<int64_t>(this), static_cast<int64_t>(tensor_index),
-                                             out_features, value_read);
-  auto bias = biases.find(name);
-  if (bias != biases.end()) output = output + bias->second.to(output.scalar_type());
-  auto adapter = adapters.find(name);
-  if (adapter != adapters.end()) {
-    DropoutSource projection_source = dropout_source;
-    projection_source.projection = static_cast<int64_t>(tensor_index);
-    adapter->second->add_update(output, rows, projection_source);
-  }
   auto sizes = x.sizes().vec();
   sizes.back() = out_features;
+  auto adapter = adapters.find(name);
+  auto bias = biases.find(name);
+  DropoutSource projection_source = dropout_source;
+  projection_source.projection = static_cast<int64_t>(tensor_index);
+  if (adapter != adapters.end() && adapter->second->use_dora()) {
+    // One dequantization serves the weight norm and the frozen product. value_read is not honoured:
+    // the magnitude's gradient reads the product's value.
+    const auto weight = dequantize_weight(tensor_index);
+    const auto block_address = reinterpret_cast<int64_t>(this);
+    const auto frozen_product = [&](const torch::Tensor& input) {
+      return FrozenLinearGivenWeight::apply(input, weight, block_address, static_cast<int64_t>(tensor_index));
+    };
+    auto output = adapter->second->dora_output(rows, weight, frozen_product, projection_source);
+    // PEFT scales the product without the bias and adds the bias unscaled.
+    if (bias != biases.end()) output = output + bias->second.to(output.scalar_type());
+    return output.view(sizes);
+  }
+  auto output = FrozenQuantizedLinear::apply(rows, reinterpret_cast<int64_t>(this), static_cast<int64_t>(tensor_index),
+                                             out_features, value_read);
+  if (bias != biases.end()) output = output + bias->second.to(output.scalar_type());
+  if (adapter != adapters.end()) adapter->second->add_update(output, rows, projection_source);
   return output.view(sizes);
 }
 
@@ -467,6 +499,9 @@ std::vector<std::pair<std::string, torch::Tensor>> LlamaModelImpl::named_lora_pa
       const std::string module = "base_model.model." + shard::layer_prefix(block->layer) + full_name;
       named.emplace_back(module + ".lora_A.weight", adapter->second->lora_A);
       named.emplace_back(module + ".lora_B.weight", adapter->second->lora_B);
+      // PEFT's key has no ".weight" here (the fixture's adapter_model.safetensors shows it).
+      if (adapter->second->use_dora())
+        named.emplace_back(module + ".lora_magnitude_vector", adapter->second->lora_magnitude_vector);
     }
   }
   return named;
@@ -485,6 +520,7 @@ std::vector<torch::Tensor> LlamaModelImpl::block_lora_parameters(size_t index) {
     if (adapter == blocks_[index]->adapters.end()) continue;
     parameters.push_back(adapter->second->lora_A);
     parameters.push_back(adapter->second->lora_B);
+    if (adapter->second->use_dora()) parameters.push_back(adapter->second->lora_magnitude_vector);
   }
   return parameters;
 }

@@ -107,7 +107,8 @@ class LlamaModelImpl : public torch::nn::Module {
   cluster::BlockGatherer& gatherer() { return *gatherer_; }
 
   // Every floating parameter under its Hugging Face name (LoRA under PEFT's
-  // "base_model.model.<module>.lora_A.weight" naming once adapters exist).
+  // "base_model.model.<module>.lora_A.weight" naming once adapters exist; DoRA's magnitudes as
+  // "<module>.lora_magnitude_vector").
   std::vector<std::pair<std::string, torch::Tensor>> named_model_parameters();
   std::vector<std::pair<std::string, torch::Tensor>> named_lora_parameters();
   std::vector<torch::Tensor> lora_parameters();

@@ -1,5 +1,6 @@
-// LoRA adapter initialisation, its in-place update of a frozen product, and the dropout masks that
-// are a function of each token's place in the global batch.
+// LoRA adapter initialisation, its in-place update of a frozen product, DoRA's magnitude-scaled
+// output and weight norms, and the dropout masks that are a function of each token's place in the
+// global batch.
 #include "model/lora.h"
 
 #include <ATen/Parallel.h>
@@ -71,6 +72,10 @@ LoraAdapterImpl::LoraAdapterImpl(int64_t in_features, int64_t out_features, cons
   }
   lora_A = register_parameter("lora_A", a);
   lora_B = register_parameter("lora_B", torch::zeros({out_features, config.r}, torch::kFloat));
+  // The magnitudes depend on the base weight, which the adapter never holds: the block that owns the
+  // weight sets them (initialise_magnitude) right after building the adapter, or a loader copies them.
+  if (config.use_dora)
+    lora_magnitude_vector = register_parameter("lora_magnitude_vector", torch::zeros({out_features}, torch::kFloat));
 }
 
 namespace {
@@ -121,13 +126,68 @@ torch::Tensor dropout_mask(const DropoutSource& source, int64_t rows, int64_t fe
   return mask;
 }
 
-void LoraAdapterImpl::add_update(torch::Tensor& output, const torch::Tensor& x, const DropoutSource& dropout_source) {
+torch::Tensor LoraAdapterImpl::dropped_input(const torch::Tensor& x, const DropoutSource& dropout_source) const {
   torch::Tensor input = x.to(lora_A.scalar_type());
   if (dropout > 0.0 && is_training()) {
     // The hash runs on the host (the model computes on CPUs); .to() is a no-op there.
     input = input * dropout_mask(dropout_source, input.size(0), input.size(1), 1.0 - dropout).to(input.options());
   }
-  output.addmm_(torch::matmul(input, lora_A.t()), lora_B.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  return input;
+}
+
+void LoraAdapterImpl::add_update(torch::Tensor& output, const torch::Tensor& x, const DropoutSource& dropout_source) {
+  output.addmm_(torch::matmul(dropped_input(x, dropout_source), lora_A.t()), lora_B.t(), /*beta=*/1.0,
+                /*alpha=*/scaling);
+}
+
+torch::Tensor dora_weight_norm(const torch::Tensor& weight, const torch::Tensor& lora_A, const torch::Tensor& lora_B,
+                               double scaling) {
+  torch::NoGradGuard no_grad;
+  const auto w = weight.to(torch::kFloat);
+  const auto a = lora_A.detach().to(torch::kFloat);
+  const auto b = lora_B.detach().to(torch::kFloat);
+  auto squared = w.norm(2, {1}).pow(2);
+  squared.add_((torch::matmul(w, a.t()) * b).sum(1), 2.0 * scaling);
+  squared.add_((torch::matmul(b, torch::matmul(a, a.t())) * b).sum(1), scaling * scaling);
+  // Rounding can take an exactly cancelling row a hair below zero.
+  return squared.clamp_min_(0.0).sqrt_();
+}
+
+torch::Tensor LoraAdapterImpl::weight_norm(const torch::Tensor& weight) const {
+  return dora_weight_norm(weight, lora_A, lora_B, scaling);
+}
+
+void LoraAdapterImpl::initialise_magnitude(const torch::Tensor& weight) {
+  assert(use_dora());
+  torch::NoGradGuard no_grad;
+  lora_magnitude_vector.copy_(weight_norm(weight));
+}
+
+torch::Tensor LoraAdapterImpl::dora_output(const torch::Tensor& x, const torch::Tensor& weight,
+                                           const FrozenProduct& frozen_product, const DropoutSource& dropout_source) {
+  assert(use_dora());
+  // Only the magnitude receives a gradient through the scale; the norm is a constant.
+  const auto scale = (lora_magnitude_vector / weight_norm(weight)).view({1, -1});
+  if (dropout > 0.0 && is_training()) {
+    const auto dropped = dropped_input(x, dropout_source);
+    const auto update = torch::matmul(torch::matmul(dropped, lora_A.t()), lora_B.t()) * scaling;
+    return frozen_product(x) + (scale - 1.0) * frozen_product(dropped) + scale * update;
+  }
+  // W x + scaling B A x in one buffer (the GEMM adds into the frozen product), then scaled per row.
+  auto combined = frozen_product(x);
+  combined.addmm_(torch::matmul(x.to(lora_A.scalar_type()), lora_A.t()), lora_B.t(), /*beta=*/1.0,
+                  /*alpha=*/scaling);
+  return combined * scale;
+}
+
+torch::Tensor merged_weight(const torch::Tensor& base_fp32, const LoraAdapterImpl& adapter) {
+  torch::NoGradGuard no_grad;
+  auto merged = base_fp32.to(torch::kFloat).addmm(adapter.lora_B.detach(), adapter.lora_A.detach(), /*beta=*/1.0,
+                                                  /*alpha=*/adapter.scaling);
+  if (!adapter.use_dora()) return merged;
+  // PEFT's merge takes the norm of the merged rows directly: the weight is formed here anyway.
+  const auto norm = merged.norm(2, {1}, /*keepdim=*/true);
+  return merged.mul_(adapter.lora_magnitude_vector.detach().view({-1, 1}) / norm);
 }
 
 }  // namespace qlora::model

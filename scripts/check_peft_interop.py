@@ -5,8 +5,9 @@ transformers and reproduces qlora's evaluation loss.
 Runs the built binary (build/qlora) to convert tests/fixtures/model/llama/hf (a small Llama
 checkpoint, vocab 300, so byte-level tokens are valid ids), train LoRA on the bundled Austen excerpt,
 and evaluate on held-out text; then evaluates the same windows in Python with transformers + PEFT.
-Done twice: unquantized (--quant-type none) and NF4 (the Python side replaces every decoder linear by
-its bitsandbytes NF4 round trip, which is what qlora computes with).
+Done for unquantized (--quant-type none) and NF4 (the Python side replaces every decoder linear by
+its bitsandbytes NF4 round trip, which is what qlora computes with), each with LoRA and with DoRA
+(--use-dora; PEFT reads use_dora and the magnitude vectors from the adapter folder).
 
 Needs: pip install torch transformers peft bitsandbytes. Writes bench/results/peft_interop.json.
 """
@@ -61,13 +62,16 @@ def main():
     results = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                "eval_text": os.path.basename(eval_path), "windows": WINDOWS, "seq_len": SEQ_LEN, "cases": []}
     with tempfile.TemporaryDirectory() as folder:
-        for quant_type in ["none", "nf4"]:
+        for quant_type, dora in [("none", False), ("nf4", False), ("none", True), ("nf4", True)]:
             store = os.path.join(folder, f"{quant_type}.h5")
-            run = os.path.join(folder, f"run-{quant_type}")
-            qlora("convert", "--from", BASE, "--quant-type", quant_type, "--out", store)
+            run = os.path.join(folder, f"run-{quant_type}-{'dora' if dora else 'lora'}")
+            if not os.path.exists(store):
+                qlora("convert", "--from", BASE, "--quant-type", quant_type, "--out", store)
             qlora("train", "--model", store, "--data", TRAIN_TEXT, "--steps", "30", "--seq-len", str(SEQ_LEN),
                   "--global-batch", "8", "--eval-fraction", "0", "--lora-r", "8", "--lora-alpha", "16",
-                  "--progress", "lines", "--out", run)
+                  "--progress", "lines", "--out", run, *(["--use-dora"] if dora else []))
+            with open(os.path.join(run, "final", "adapter_config.json")) as config_file:
+                assert json.load(config_file)["use_dora"] == dora
             output = qlora("eval", "--model", store, "--adapter", os.path.join(run, "final"), "--data", eval_path,
                            "--seq-len", str(SEQ_LEN), "--windows", str(WINDOWS))
             qlora_loss = float(re.search(r"eval: loss ([0-9.]+)", output).group(1))
@@ -75,7 +79,7 @@ def main():
                                 "--windows", str(WINDOWS))
             base_loss = float(re.search(r"eval: loss ([0-9.]+)", base_output).group(1))
             peft_loss = python_loss(os.path.join(run, "final"), eval_path, quant_type == "nf4")
-            case = {"quant_type": quant_type, "qlora_eval_loss": qlora_loss, "peft_eval_loss": peft_loss,
+            case = {"quant_type": quant_type, "use_dora": dora, "qlora_eval_loss": qlora_loss, "peft_eval_loss": peft_loss,
                     "base_eval_loss_without_adapter": base_loss,
                     "relative_difference": abs(qlora_loss - peft_loss) / peft_loss}
             results["cases"].append(case)

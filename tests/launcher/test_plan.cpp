@@ -150,12 +150,13 @@ std::string planner_store(const std::string& folder) {
 struct Measured {
   int world;
   int64_t sequence_length;
+  bool dora = false;  // --use-dora: magnitudes and DoRA's kept products
 };
 
 class PlanAgainstMeasurement : public ::testing::TestWithParam<Measured> {};
 
 TEST_P(PlanAgainstMeasurement, PeakPerRankWithinTenPercent) {
-  const auto [world, sequence_length] = GetParam();
+  const auto [world, sequence_length, dora] = GetParam();
   const std::string folder = testing_support::shared_temp_dir(MPI_COMM_SELF);
   static std::string store;
   if (store.empty()) store = planner_store(folder);
@@ -165,12 +166,13 @@ TEST_P(PlanAgainstMeasurement, PeakPerRankWithinTenPercent) {
   std::ostringstream command;
   command << "mpirun -np " << world << " --oversubscribe --allow-run-as-root " << testing_support::qlora_binary()
           << " train --model " << store << " --steps 2 --seq-len " << sequence_length << " --global-batch "
-          << micro_batch * world << " --lora-r 8 --eval-fraction 0 --progress lines --out " << run;
+          << micro_batch * world << " --lora-r 8 --eval-fraction 0 --progress lines --out " << run << (dora ? "-dora --use-dora" : "");
   ASSERT_EQ(testing_support::run_command(command.str(), &output), 0) << output;
-  const auto measured = read_json(run + "/memory.json").at("ranks");
+  const auto measured = read_json(run + (dora ? "-dora" : "") + "/memory.json").at("ranks");
   ASSERT_EQ(static_cast<int>(measured.size()), world);
 
   PlanJob job;
+  job.lora.use_dora = dora;
   job.world = world;
   job.micro_batch = micro_batch;
   job.sequence_length = sequence_length;
@@ -198,10 +200,11 @@ TEST_P(PlanAgainstMeasurement, PeakPerRankWithinTenPercent) {
 
 INSTANTIATE_TEST_SUITE_P(WorldsAndLengths, PlanAgainstMeasurement,
                          ::testing::Values(Measured{1, 128}, Measured{2, 128}, Measured{4, 128}, Measured{1, 512},
-                                           Measured{2, 512}, Measured{4, 512}),
+                                           Measured{2, 512}, Measured{4, 512}, Measured{1, 512, true},
+                                           Measured{2, 128, true}),
                          [](const auto& info) {
                            return "world" + std::to_string(info.param.world) + "_seq" +
-                                  std::to_string(info.param.sequence_length);
+                                  std::to_string(info.param.sequence_length) + (info.param.dora ? "_dora" : "");
                          });
 
 TEST(PlanCommand, TableJsonAndErrors) {
