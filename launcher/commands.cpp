@@ -23,6 +23,7 @@
 #include "data/tokenizer.h"
 #include "launcher/errors.h"
 #include "launcher/evaluate.h"
+#include "launcher/generate.h"
 #include "launcher/job_options.h"
 #include "launcher/plan.h"
 #include "launcher/report.h"
@@ -95,6 +96,7 @@ std::string usage() {
          "  plan      predict per-rank memory of a job (and whether it fits) before it runs\n"
          "  convert   write a 4-bit model store (model.h5) from a Hugging Face folder or a synthetic preset\n"
          "  eval      loss and perplexity of a model, with or without a PEFT adapter\n"
+         "  generate  text from a model (+ adapter): --prompt, --input FILE.jsonl or --chat\n"
          "  inspect   print a model store and, with --world N, each rank's shard\n"
          "  merge     fold a LoRA adapter into the base model: a Hugging Face folder or a GGUF file\n"
          "  report    PNG plots (loss, learning rate, throughput, memory per rank) and report.md of a run folder\n"
@@ -613,6 +615,53 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   std::signal(SIGUSR1, request_stop);
   run_training(train, context.communicator);
   return 0;
+}
+
+// ---- generate ------------------------------------------------------------------------------------
+
+int run_generate(const std::vector<std::string>& arguments, CommandContext& context) {
+  GenerateOptions generate;
+  po::options_description options("qlora generate options");
+  options.add_options()
+      ("help,h", "show this help")
+      ("model", po::value<std::string>(), "model store (model.h5)")
+      ("adapter", po::value<std::string>()->default_value(""), "PEFT adapter folder (qlora's or PEFT's)")
+      ("prompt", po::value<std::string>(), "raw text to continue, streamed to stdout")
+      ("input", po::value<std::string>(), "JSONL file: each line {\"prompt\": TEXT} or {\"messages\": [...]}; prints "
+                                          "one JSON line each with \"completion\" added")
+      ("chat", po::bool_switch(), "interactive chat on stdin through the model's chat template")
+      ("chat-template", po::value<std::string>()->default_value(""), "Jinja chat template file (default: the model's)")
+      ("add-bos", po::bool_switch(), "prepend the tokenizer's bos token to raw prompts")
+      ("max-new-tokens", po::value<int64_t>()->default_value(generate.max_new_tokens), "most tokens generated per answer")
+      ("temperature", po::value<double>()->default_value(generate.sampling.temperature), "0: greedy")
+      ("top-p", po::value<double>()->default_value(generate.sampling.top_p), "nucleus sampling (1: off)")
+      ("seed", po::value<uint64_t>()->default_value(0), "sampling seed")
+      ("threads", po::value<int>()->default_value(0), "compute threads per rank (0: the node's cores / its ranks)");
+  const auto values = parse(arguments, options, "generate");
+  if (values.count("help")) {
+    print_help("usage: [mpirun -np N] qlora generate --model model.h5 [--adapter DIR] (--prompt TEXT | --chat | "
+               "--input FILE.jsonl)",
+               options);
+    return 0;
+  }
+  if (!values.count("model"))
+    throw UserError("--model is required", "e.g. qlora generate --model model.h5 --prompt \"Once upon a time\"");
+  const int modes = static_cast<int>(values.count("prompt")) + static_cast<int>(values.count("input")) +
+                    (values["chat"].as<bool>() ? 1 : 0);
+  if (modes != 1) throw UserError("give exactly one of --prompt, --input and --chat", "see `qlora generate --help`");
+  generate.model_path = values["model"].as<std::string>();
+  generate.adapter_dir = values["adapter"].as<std::string>();
+  if (values.count("prompt")) generate.prompt = values["prompt"].as<std::string>();
+  if (values.count("input")) generate.input_path = values["input"].as<std::string>();
+  generate.chat = values["chat"].as<bool>();
+  generate.chat_template_path = values["chat-template"].as<std::string>();
+  generate.add_bos = values["add-bos"].as<bool>();
+  generate.max_new_tokens = values["max-new-tokens"].as<int64_t>();
+  generate.sampling.temperature = values["temperature"].as<double>();
+  generate.sampling.top_p = values["top-p"].as<double>();
+  generate.sampling.seed = values["seed"].as<uint64_t>();
+  assign_threads(context.layout, values["threads"].as<int>());
+  return run_generation(generate, context.communicator);
 }
 
 }  // namespace qlora::launcher

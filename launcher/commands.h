@@ -21,6 +21,7 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
 int run_eval(const std::vector<std::string>& arguments, CommandContext& context);
 int run_plan(const std::vector<std::string>& arguments, CommandContext& context);
 int run_inspect(const std::vector<std::string>& arguments, CommandContext& context);
+int run_generate(const std::vector<std::string>& arguments, CommandContext& context);
 int run_report(const std::vector<std::string>& arguments, CommandContext& context);
 // Defined in launcher/merge.cpp.
 int run_merge(const std::vector<std::string>& arguments, CommandContext& context);

@@ -54,6 +54,8 @@ int main(int argc, char** argv) {
         exit_code = qlora::launcher::run_plan(arguments, context);
       } else if (command == "inspect") {
         exit_code = qlora::launcher::run_inspect(arguments, context);
+      } else if (command == "generate") {
+        exit_code = qlora::launcher::run_generate(arguments, context);
       } else if (command == "report") {
         exit_code = qlora::launcher::run_report(arguments, context);
       } else if (command == "merge") {
@@ -62,7 +64,7 @@ int main(int argc, char** argv) {
         if (layout.rank == 0) std::cout << qlora::launcher::usage();
       } else {
         report_user_error(command.empty() ? "no command given" : "unknown command '" + command + "'",
-                          "commands are train, convert, eval, inspect, plan, report, merge; see `qlora --help`");
+                          "commands are train, convert, eval, generate, inspect, plan, report, merge; see `qlora --help`");
         exit_code = qlora::kExitUserError;
       }
     } catch (const qlora::UserError& error) {

@@ -138,6 +138,10 @@ class LlamaModelImpl : public torch::nn::Module {
                           bool output_value_read = true);
   void prefetch_block(size_t index) { gatherer_->prefetch(index); }
   size_t block_count() const { return blocks_.size(); }
+  // Block `index` and the model's communicator, for decoders that run the blocks themselves (KV-cached
+  // generation, model/generation.h).
+  DecoderBlockImpl& block(size_t index) { return *blocks_[index]; }
+  cluster::Communicator& communicator() { return communicator_; }
   bool quantized_blocks() const { return quantized_blocks_; }
 
   // Allocator deltas measured while loading (zero unless the counting allocator is installed).
