@@ -61,9 +61,9 @@ void validate_options(const TrainOptions& options, int world) {
   check_global_batch_divides(options, world);
   if (!std::isfinite(options.learning_rate) || options.learning_rate <= 0)
     throw UserError("--lr must be a positive number, not " + std::to_string(options.learning_rate), "e.g. --lr 2e-4");
-  if (options.lora.r < 1) throw UserError("--lora-r must be at least 1");
+  if (options.lora.r < 1 || options.lora.r > 65536) throw UserError("--lora-r must be in 1..65536");
   for (const auto& [key, rank] : options.lora.rank_pattern)
-    if (rank < 1) throw UserError("--lora-rank-pattern: rank of '" + key + "' must be at least 1");
+    if (rank < 1 || rank > 65536) throw UserError("--lora-rank-pattern: rank of '" + key + "' must be in 1..65536");
   if (!(options.lora.dropout >= 0 && options.lora.dropout < 1)) throw UserError("--lora-dropout must be in [0, 1)");
   if (!std::isfinite(options.lora.alpha) || options.lora.alpha <= 0)
     throw UserError("--lora-alpha must be a positive number, not " + std::to_string(options.lora.alpha),

@@ -7,9 +7,14 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 
+#include "kernels/dtype.h"
+#include "shard/model_config.h"
+#include "shard/safetensors.h"
 #include "support/test_support.h"
 
 namespace qlora {
@@ -248,6 +253,52 @@ TEST(Reliability, SigtermToASingleProcessSavesAndExitsSeventyFive) {
   const auto at = text.find("checkpoint saved at step ");
   ASSERT_NE(at, std::string::npos) << text;
   EXPECT_TRUE(fs::exists(out + "/checkpoints/step-" + std::to_string(std::stoi(text.substr(at + 25))) + "/checkpoint.json"));
+}
+
+// A Hugging Face folder of micro's shape (bf16, small random weights) with one value of `poisoned`
+// replaced by `bad`.
+std::string poisoned_model_folder(const std::string& folder, const std::string& poisoned, float bad) {
+  const auto config = shard::ModelConfig::from_json(
+      Json{{"model_type", "llama"}, {"hidden_size", 64}, {"intermediate_size", 172}, {"num_hidden_layers", 2},
+           {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"vocab_size", 512}},
+      "test config");
+  write_file(folder + "/config.json", dump_json(config.to_json()));
+  shard::SafetensorsWriter writer;
+  for (const auto& name : config.tensor_names()) {
+    const auto shape = config.expected_shape(name);
+    int64_t numel = 1;
+    for (const int64_t dim : shape) numel *= dim;
+    std::vector<uint16_t> values(static_cast<size_t>(numel));
+    for (int64_t i = 0; i < numel; ++i) values[i] = kernels::float_to_bf16(0.01f * static_cast<float>((i * 7919) % 201 - 100));
+    if (name == poisoned) values[static_cast<size_t>(numel / 3)] = kernels::float_to_bf16(bad);
+    writer.add(name, kernels::DType::bf16, shape, values.data(), values.size() * sizeof(uint16_t));
+  }
+  writer.write(folder + "/model.safetensors");
+  return folder;
+}
+
+TEST(Reliability, NonFiniteEmbeddingsNormsOrHeadAreRefusedAtConvertNamingTheTensor) {
+  const std::string folder = shared_temp_dir();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<std::pair<std::string, float>> cases = {
+      {"model.embed_tokens.weight", nan}, {"model.layers.1.input_layernorm.weight", inf},
+      {"model.norm.weight", nan}, {"lm_head.weight", -inf}};
+  for (const auto& [tensor, bad] : cases) {
+    const std::string source = poisoned_model_folder(folder + "/poisoned-" + tensor, tensor, bad);
+    const std::string out = folder + "/poisoned-" + tensor + ".h5";
+    std::string output;
+    EXPECT_EQ(run_command(qlora_binary() + " convert --from " + source + " --out " + out, &output), 2) << output;
+    EXPECT_TRUE(contains(output, "error: tensor '" + tensor + "' of ")) << output;
+    EXPECT_TRUE(contains(output, std::string(std::isnan(bad) ? "holds NaN" : "holds Inf") + " in its values")) << output;
+    EXPECT_FALSE(fs::exists(out)) << output;
+    EXPECT_FALSE(fs::exists(out + ".partial")) << output;
+  }
+  // The same folder without the poison converts.
+  std::string output;
+  const std::string healthy = poisoned_model_folder(folder + "/healthy", "none", 0.0f);
+  EXPECT_EQ(run_command(qlora_binary() + " convert --from " + healthy + " --out " + folder + "/healthy.h5", &output), 0)
+      << output;
 }
 
 }  // namespace
