@@ -301,5 +301,60 @@ TEST(Reliability, NonFiniteEmbeddingsNormsOrHeadAreRefusedAtConvertNamingTheTens
       << output;
 }
 
+// bitsandbytes' nf4 fixture with a NaN written over one absmax block of a decoder linear.
+TEST(Reliability, ANanQuantizationScaleIsReportedAsACorruptSourceTensor) {
+  const std::string folder = shared_temp_dir() + "/nan-absmax";
+  fs::create_directories(folder);
+  const std::string fixture = testing_support::source_dir() + "/tests/fixtures/bnb/nf4";
+  fs::copy_file(fixture + "/config.json", folder + "/config.json", fs::copy_options::overwrite_existing);
+  fs::copy_file(fixture + "/model.safetensors", folder + "/model.safetensors", fs::copy_options::overwrite_existing);
+  const std::string tensor = "model.layers.0.mlp.up_proj.weight";
+  uint64_t data_start = 0;
+  uint64_t absmax_begin = 0;
+  {
+    auto file = shard::SafetensorsFile::open(folder + "/model.safetensors");
+    absmax_begin = file->at(tensor + ".absmax").begin;
+    std::ifstream raw(folder + "/model.safetensors", std::ios::binary);
+    unsigned char length[8];
+    raw.read(reinterpret_cast<char*>(length), 8);
+    for (int i = 7; i >= 0; --i) data_start = (data_start << 8) | length[i];
+    data_start += 8;
+  }
+  {
+    std::fstream raw(folder + "/model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    raw.seekp(static_cast<std::streamoff>(data_start + absmax_begin + 4));  // the second block's scale
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    raw.write(reinterpret_cast<const char*>(&nan), sizeof nan);
+  }
+  std::string output;
+  EXPECT_EQ(run_command(qlora_binary() + " convert --from " + folder + " --out " + folder + ".h5", &output), 2) << output;
+  EXPECT_TRUE(contains(output, "error: tensor '" + tensor + "' of ")) << output;
+  EXPECT_TRUE(contains(output, "holds NaN in its absmax (quantization scales) (element 1): the source is corrupt")) << output;
+  EXPECT_FALSE(contains(output, "check the data")) << output;
+  EXPECT_FALSE(fs::exists(folder + ".h5"));
+}
+
+TEST(Reliability, AnAdapterWithAnImpossibleRankIsRefusedNamingTheField) {
+  const std::string out = shared_temp_dir() + "/adapter-rank";
+  std::string output;
+  ASSERT_EQ(run_command(train_command(out, "--steps 1"), &output), 0) << output;
+  const std::string config_text = read_file(out + "/final/adapter_config.json");
+  for (const std::string rank : {"-1", "1000000000"}) {
+    const std::string adapter = out + "/bad-rank" + rank;
+    fs::create_directories(adapter);
+    fs::copy_file(out + "/final/adapter_model.safetensors", adapter + "/adapter_model.safetensors",
+                  fs::copy_options::overwrite_existing);
+    std::string text = config_text;
+    text.replace(text.find("\"r\": 8"), 6, "\"r\": " + rank);
+    write_file(adapter + "/adapter_config.json", text);
+    EXPECT_EQ(run_command(qlora_binary() + " eval --model " + synthetic_store("micro") + " --seq-len 16 --windows 2 --adapter " +
+                              adapter, &output),
+              2)
+        << output;
+    EXPECT_TRUE(contains(output, "adapter_config.json: r is " + rank + ", outside 1..65536")) << output;
+    EXPECT_FALSE(contains(output, "internal error")) << output;
+  }
+}
+
 }  // namespace
 }  // namespace qlora
