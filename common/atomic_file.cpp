@@ -15,6 +15,7 @@ namespace {
 
 std::string hint_for(int error_number) {
   if (error_number == ENOSPC || error_number == EDQUOT) return "the file system is full: free space or choose another folder";
+  if (error_number == EFBIG) return "the file exceeds the file-size limit (ulimit -f) or the file system's largest file";
   if (error_number == EACCES || error_number == EPERM || error_number == EROFS)
     return "check the permissions of the folder";
   return "";

@@ -1,6 +1,7 @@
 // PEFT adapter export and import.
 #include "launcher/adapter_io.h"
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +14,29 @@
 
 namespace qlora::launcher {
 namespace {
+
+// A rank beyond any real adapter (the largest published ones use a few thousand) would ask for
+// terabytes before any shape check could name the field.
+constexpr int64_t kLargestRank = 65536;
+
+// Ranks and scales a model can be built from; FormatError naming the field otherwise.
+void check_lora_numbers(const model::LoraConfig& lora, const std::string& path) {
+  auto check_rank = [&](const std::string& field, int64_t rank) {
+    if (rank < 1 || rank > kLargestRank)
+      throw FormatError(path + ": " + field + " is " + std::to_string(rank) + ", outside 1.." + std::to_string(kLargestRank),
+                        "the adapter_config.json is damaged or not a LoRA adapter's");
+  };
+  auto check_alpha = [&](const std::string& field, double alpha) {
+    if (!std::isfinite(alpha) || alpha <= 0)
+      throw FormatError(path + ": " + field + " must be a positive number, not " + std::to_string(alpha),
+                        "the adapter_config.json is damaged");
+  };
+  check_rank("r", lora.r);
+  check_alpha("lora_alpha", lora.alpha);
+  if (!(lora.dropout >= 0 && lora.dropout < 1)) throw FormatError(path + ": lora_dropout must be in [0, 1)");
+  for (const auto& [key, rank] : lora.rank_pattern) check_rank("rank_pattern." + key, rank);
+  for (const auto& [key, alpha] : lora.alpha_pattern) check_alpha("alpha_pattern." + key, alpha);
+}
 
 // adapter_config.json's LoRA settings; FormatError naming `path` for a field of the wrong kind.
 model::LoraConfig read_lora_config(const Json& config, const std::string& path) {
@@ -40,6 +64,7 @@ model::LoraConfig read_lora_config(const Json& config, const std::string& path) 
       if (!value.is_number()) throw FormatError(path + ": alpha_pattern." + key + " must be a number");
       lora.alpha_pattern[key] = value.get<double>();
     }
+  check_lora_numbers(lora, path);
   return lora;
 }
 

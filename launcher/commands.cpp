@@ -523,6 +523,9 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
       ("save-every", po::value<int64_t>()->default_value(0), "checkpoint every K steps (0: only the final one)")
       ("keep-checkpoints", po::value<int>()->default_value(train.keep_checkpoints), "newest checkpoints kept (0: all)")
       ("resume", po::value<std::string>()->default_value(""), "auto (newest checkpoint under --out, if any) or a checkpoint folder")
+      ("resume-mismatch", po::value<std::string>()->default_value(train.resume_mismatch),
+       "refuse | warn: resuming a checkpoint of another model, data, LoRA shape or seed")
+      ("overwrite", po::bool_switch(), "replace another run found in --out (removes its checkpoints, final adapter, metrics)")
       ("max-bad-steps", po::value<int>()->default_value(train.max_bad_steps),
        "consecutive non-finite steps skipped before the run stops");
   po::options_description lora_options("LoRA");
@@ -560,6 +563,8 @@ int run_train(const std::vector<std::string>& arguments, CommandContext& context
   train.save_every = values["save-every"].as<int64_t>();
   train.keep_checkpoints = values["keep-checkpoints"].as<int>();
   train.resume = values["resume"].as<std::string>();
+  train.resume_mismatch = values["resume-mismatch"].as<std::string>();
+  train.overwrite = values["overwrite"].as<bool>();
   train.max_bad_steps = values["max-bad-steps"].as<int>();
   train.progress = values["progress"].as<std::string>();
   if (!train.resume.empty() && train.resume != "auto" && !std::filesystem::is_directory(train.resume))

@@ -4,6 +4,7 @@
 // ends them too, with its message, instead of leaving them waiting in a collective.
 #include <mpi.h>
 
+#include <csignal>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -32,6 +33,9 @@ void report_user_error(const std::string& message, const std::string& hint) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Every write is checked, so a file-size limit (ulimit -f) must surface as that write's error,
+  // naming the file, rather than kill the process with SIGXFSZ midway through a checkpoint.
+  std::signal(SIGXFSZ, SIG_IGN);
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
   int exit_code = 0;

@@ -74,10 +74,16 @@ std::optional<MetricsLine> read_metrics_line(const Json& value, const std::strin
 }
 
 MetricsFile::MetricsFile(const std::string& path, bool append)
-    : file_(path, append ? std::ios::app : std::ios::trunc) {}
+    : file_(path, append ? std::ios::app : std::ios::trunc), path_(path) {
+  if (!file_.is_open()) throw UserError("cannot open " + path + " for writing", "check free space and permissions of --out");
+}
 
 void MetricsFile::write(const MetricsLine& line) {
-  if (file_.is_open()) file_ << dump_json(metrics_json(line)) << "\n" << std::flush;
+  if (path_.empty()) return;
+  file_ << dump_json(metrics_json(line)) << "\n" << std::flush;
+  if (!file_.good())
+    throw UserError("cannot append step " + std::to_string(line.step) + " to " + path_ + " (disk full?)",
+                    "free space on the file system of --out; the checkpoints saved before are intact (--resume auto)");
 }
 
 }  // namespace qlora::launcher

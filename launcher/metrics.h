@@ -40,7 +40,8 @@ Json metrics_json(const MetricsLine& line);
 std::optional<MetricsLine> read_metrics_line(const Json& value, const std::string& label);
 
 // Rank 0's metrics.jsonl: appended to after a resume, else started afresh; every line is flushed
-// whole, so a killed run leaves at most its last line cut short.
+// whole, so a killed run leaves at most its last line cut short. A line that cannot be written (a
+// full disk) throws UserError naming the file rather than leaving a silent gap.
 class MetricsFile {
  public:
   MetricsFile() = default;  // writes nothing (other ranks, tests without a run folder)
@@ -49,6 +50,7 @@ class MetricsFile {
 
  private:
   std::ofstream file_;
+  std::string path_;
 };
 
 }  // namespace qlora::launcher

@@ -25,6 +25,7 @@
 #include "launcher/metrics.h"
 #include "launcher/optimizer.h"
 #include "launcher/progress.h"
+#include "launcher/run_folder.h"
 
 namespace qlora::launcher {
 namespace {
@@ -112,6 +113,7 @@ struct Run {
   Schedule schedule;
   int64_t first_step = 0;
   MetricsFile metrics;
+  RunIdentity identity;                        // recorded in checkpoints, checked on resume
   std::optional<StepMemory> memory;
   std::optional<Progress> progress;
   Clock::time_point training_start;
@@ -177,6 +179,7 @@ void load_model_and_data(Run& run) {
     run.store = shard::ModelStore::open(options.model_path);
     check_world_fits(*run.store, run.world);
   });
+  warn_if_beyond_context(*run.store, options.sequence_length);
   // The data, tokenized by the model's own tokenizer (collective: rank 0 builds the token cache).
   const auto tokens = load_data_tokens(options.data_path, *run.store, run.communicator, options.quiet);
   const auto eval_tokens = options.eval_data_path.empty()
@@ -187,6 +190,7 @@ void load_model_and_data(Run& run) {
     build_model(run);
   });
   run.base_model = run.store->header().source.empty() ? options.model_path : run.store->header().source;
+  run.identity = run_identity(options, *run.store, tokens->size());
 }
 
 // The adapters' gradient reducer, optimizer and schedule.
@@ -220,8 +224,10 @@ void attach_training_state(Run& run) {
   run.schedule.total_steps = options.steps;
 }
 
-CheckpointInfo checkpoint_info(const TrainOptions& options, int64_t step) {
+CheckpointInfo checkpoint_info(const Run& run, int64_t step) {
+  const TrainOptions& options = run.options;
   CheckpointInfo info;
+  info.identity = run.identity;
   info.step = step;
   info.seed = options.seed;
   info.global_batch = options.global_batch;
@@ -234,8 +240,11 @@ void open_run_folder(Run& run) {
   const TrainOptions& options = run.options;
   if (!options.write_outputs || run.rank != 0) return;
   const bool resumed = run.first_step > 0;
-  std::filesystem::create_directories(options.out_dir);
-  run.metrics = MetricsFile(options.out_dir + "/metrics.jsonl", /*append=*/resumed);
+  std::error_code error;
+  std::filesystem::create_directories(options.out_dir, error);
+  if (error) throw UserError("cannot create --out " + options.out_dir + ": " + error.message());
+  reconcile_metrics(options.out_dir, run.first_step);
+  run.metrics = MetricsFile(options.out_dir + "/metrics.jsonl", /*append=*/true);
   if (!options.resolved_config.empty())
     write_file_atomically(options.out_dir + (resumed ? "/config-resumed.json" : "/config.json"), options.resolved_config);
 }
@@ -245,13 +254,17 @@ std::unique_ptr<Run> open_run(const TrainOptions& options, cluster::Communicator
   if (options.model_path.empty()) throw UserError("no model given", "pass --model model.h5 (see qlora convert)");
   cluster::MemoryCounter::install();
   auto run = std::make_unique<Run>(options, communicator);
+  // Before anything is loaded: an unwritable --out or another run's folder ends the job at once.
+  run_collectively(communicator, [&] {
+    if (options.write_outputs && run->rank == 0) prepare_run_folder(options.out_dir, options.resume, options.overwrite);
+  });
   load_model_and_data(*run);
   if (!options.banner.empty()) log::banner(options.banner);
   log::banner(run->result.preparation.summary());
   run->model->train();
   attach_training_state(*run);
-  run->first_step = resume_training(options.resume, options.out_dir, checkpoint_info(options, 0), communicator,
-                                    *run->model, *run->optimizer);
+  run->first_step = resume_training(options.resume, options.out_dir, checkpoint_info(*run, 0), communicator,
+                                    *run->model, *run->optimizer, parse_resume_mismatch(options.resume_mismatch));
   run->result.first_step = run->first_step;
   open_run_folder(*run);
   run->memory.emplace(run->result.memory);
@@ -336,7 +349,7 @@ std::optional<StepOutcome> train_step(Run& run, int64_t step) {
 
 void save(Run& run, int64_t step, const std::string& directory) {
   if (!run.options.write_outputs || run.rank != 0) return;
-  save_checkpoint(directory, *run.model, *run.optimizer, checkpoint_info(run.options, step), run.base_model);
+  save_checkpoint(directory, *run.model, *run.optimizer, checkpoint_info(run, step), run.base_model);
 }
 
 // A stop request (SIGTERM/SIGUSR1) is honoured only when every rank has seen the same answer.
@@ -417,7 +430,7 @@ void log_summary(const Run& run, double training_seconds, int64_t steps_run) {
 
 void write_run_outputs(Run& run) {
   const TrainOptions& options = run.options;
-  write_peft_adapter(options.out_dir + "/final", run.model->named_lora_parameters(), options.lora, run.base_model);
+  save_final_adapter(options.out_dir, *run.model, options.lora, run.base_model);
   save(run, options.steps, checkpoint_directory(options.out_dir, options.steps));
   prune_checkpoints(options.out_dir, options.keep_checkpoints);
   write_file_atomically(options.out_dir + "/memory.json", cluster::memory_reports_json(run.result.all_memory));

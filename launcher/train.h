@@ -48,6 +48,8 @@ struct TrainOptions {
   int64_t save_every = 0;          // checkpoint every K steps (0: only the final one)
   int keep_checkpoints = 3;        // newest checkpoints kept (0: all)
   std::string resume;              // "" | "auto" (newest complete checkpoint, if any) | a checkpoint folder
+  std::string resume_mismatch = "refuse";  // refuse | warn: a checkpoint of another model, data, LoRA shape or seed
+  bool overwrite = false;          // replace another run found in out_dir (else it is refused)
   int max_bad_steps = 3;           // consecutive non-finite steps tolerated before the run stops
   bool write_outputs = true;       // tests switch off the run folder
   bool quiet = false;              // no per-step lines
@@ -75,6 +77,10 @@ struct TrainResult {
 // Throws UserError when `world` exceeds the vocabulary (embedding rows) or the quantization blocks
 // of some tensor (a rank would hold nothing of it), naming it and the largest world that fits.
 void check_world_fits(const shard::ModelStore& store, int world);
+
+// Says (rank 0, once) when --seq-len exceeds the model's max_position_embeddings: positions past it
+// were never trained and rotary embeddings extrapolate poorly there (transformers warns the same).
+void warn_if_beyond_context(const shard::ModelStore& store, int64_t sequence_length);
 
 // Throws UserError for options that cannot work (checked identically on every rank); the model
 // path is checked when the run opens it.

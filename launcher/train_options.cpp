@@ -7,12 +7,13 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstring>
-
 #include <cstdlib>
 #include <filesystem>
 
 #include "common/errors.h"
+#include "common/log.h"
 #include "launcher/errors.h"
 #include "shard/converter.h"
 
@@ -47,30 +48,60 @@ void check_world_fits(const shard::ModelStore& store, int world) {
   }
 }
 
+void warn_if_beyond_context(const shard::ModelStore& store, int64_t sequence_length) {
+  const int64_t context = store.header().config.max_position_embeddings;
+  if (sequence_length <= context) return;
+  log::banner("warning: --seq-len " + std::to_string(sequence_length) + " exceeds the " + std::to_string(context) +
+              "-token context of " + store.path() + " (max_position_embeddings); positions beyond it were never "
+              "trained and quality usually drops there. Use --seq-len " + std::to_string(context) +
+              " or less unless you mean to extend the context");
+}
+
 void validate_options(const TrainOptions& options, int world) {
   if (options.lora.target_modules.empty()) throw UserError("--lora-targets is empty", "e.g. --lora-targets all-linear");
   if (options.steps < 1) throw UserError("--steps must be at least 1");
   if (options.sequence_length < 2) throw UserError("--seq-len must be at least 2");
   if (options.global_batch < 1) throw UserError("--global-batch must be at least 1");
   check_global_batch_divides(options, world);
-  if (options.learning_rate <= 0) throw UserError("--lr must be positive");
-  if (options.lora.r < 1) throw UserError("--lora-r must be at least 1");
+  if (!std::isfinite(options.learning_rate) || options.learning_rate <= 0)
+    throw UserError("--lr must be a positive number, not " + std::to_string(options.learning_rate), "e.g. --lr 2e-4");
+  if (options.lora.r < 1 || options.lora.r > 65536) throw UserError("--lora-r must be in 1..65536");
   for (const auto& [key, rank] : options.lora.rank_pattern)
-    if (rank < 1) throw UserError("--lora-rank-pattern: rank of '" + key + "' must be at least 1");
-  if (options.lora.dropout < 0 || options.lora.dropout >= 1) throw UserError("--lora-dropout must be in [0, 1)");
+    if (rank < 1 || rank > 65536) throw UserError("--lora-rank-pattern: rank of '" + key + "' must be in 1..65536");
+  if (!(options.lora.dropout >= 0 && options.lora.dropout < 1)) throw UserError("--lora-dropout must be in [0, 1)");
+  if (!std::isfinite(options.lora.alpha) || options.lora.alpha <= 0)
+    throw UserError("--lora-alpha must be a positive number, not " + std::to_string(options.lora.alpha),
+                    "e.g. --lora-alpha 16 (the adapter is scaled by alpha / r)");
+  for (const auto& [key, alpha] : options.lora.alpha_pattern)
+    if (!std::isfinite(alpha) || alpha <= 0)
+      throw UserError("--lora-alpha-pattern: alpha of '" + key + "' must be a positive number");
+  if (!std::isfinite(options.weight_decay) || options.weight_decay < 0)
+    throw UserError("--weight-decay must be a non-negative number");
+  if (!std::isfinite(options.max_grad_norm) || options.max_grad_norm < 0)
+    throw UserError("--max-grad-norm must be 0 (off) or a positive number");
+  // Every count below is multiplied into token and byte totals: bound them well inside int64.
+  constexpr int64_t kMostTokensPerStep = int64_t{1} << 40;
+  if (options.global_batch > kMostTokensPerStep / options.sequence_length ||
+      options.sequence_length > kMostTokensPerStep)
+    throw UserError("--global-batch " + std::to_string(options.global_batch) + " x --seq-len " +
+                        std::to_string(options.sequence_length) + " exceeds 2^40 tokens per step",
+                    "use a global batch and sequence length of a real job");
+  if (options.steps > kMostTokensPerStep) throw UserError("--steps " + std::to_string(options.steps) + " is beyond any real job");
   if (options.lora.init != "kaiming" && options.lora.init != "gaussian")
     throw UserError("--lora-init must be kaiming or gaussian");
   if (options.gather_slots < 1) throw UserError("--gather-slots must be at least 1");
-  if (options.bucket_mb <= 0) throw UserError("--bucket-mb must be positive");
+  if (!(options.bucket_mb > 0 && options.bucket_mb < 1e6)) throw UserError("--bucket-mb must be positive (and below 1e6)");
   if (options.check_every < 0) throw UserError("--check-every must be 0 (never) or positive");
   if (options.lr_schedule != "constant" && options.lr_schedule != "cosine")
     throw UserError("--lr-schedule must be constant or cosine");
   if (options.warmup_steps < 0) throw UserError("--warmup-steps must not be negative");
   if (options.micro_batch < 0) throw UserError("--micro-batch must be positive (or 0: the rank's whole share)");
-  if (options.eval_fraction < 0 || options.eval_fraction > 0.5) throw UserError("--eval-fraction must be in [0, 0.5]");
+  if (!(options.eval_fraction >= 0 && options.eval_fraction <= 0.5)) throw UserError("--eval-fraction must be in [0, 0.5]");
   if (options.eval_every < 0 || options.eval_batches < 1) throw UserError("--eval-every must be >= 0, --eval-batches >= 1");
   if (options.save_every < 0) throw UserError("--save-every must be 0 (final only) or positive");
   if (options.max_bad_steps < 1) throw UserError("--max-bad-steps must be at least 1");
+  if (options.resume_mismatch != "refuse" && options.resume_mismatch != "warn")
+    throw UserError("--resume-mismatch must be refuse or warn", "warn resumes a checkpoint of another run anyway");
   if (options.progress != "auto" && options.progress != "bar" && options.progress != "lines")
     throw UserError("--progress must be auto, bar or lines");
   try {

@@ -29,7 +29,7 @@ for (n,h,i,l,a,kv,v,tied,seq,mb,ck,dr) in configs:
     st=f"{D}/{n}.h5"
     if not os.path.exists(st): subprocess.run([Q,"convert","--synthetic",cp,"--out",st],check=True,capture_output=True)
     out=f"{D}/run-{n}"; subprocess.run(["rm","-rf",out])
-    subprocess.run([Q,"train","--model",st,"--steps","2","--seq-len",str(seq),"--global-batch",str(mb),"--lora-r","8","--eval-fraction","0","--progress","lines","--checkpointing",ck,"--lora-dropout",str(dr),"--out",out],check=True,capture_output=True)
+    subprocess.run([Q,"train","--model",st,"--steps","2","--seq-len",str(seq),"--global-batch",str(mb),"--lora-r","8","--eval-fraction","0","--progress","lines","--checkpointing",ck,"--lora-dropout",str(dr),"--out",out,"--overwrite"],check=True,capture_output=True)
     m=json.load(open(out+"/memory.json"))["ranks"][0]
     p=json.loads(subprocess.run([Q,"plan","--model",st,"--world","1","--micro-batch",str(mb),"--seq-len",str(seq),"--lora-r","8","--checkpointing",ck,"--lora-dropout",str(dr),"--json"],check=True,capture_output=True,text=True).stdout)
     r=p["per_rank"][0]

@@ -26,6 +26,13 @@ class Handle {
   Handle& operator=(const Handle&) = delete;
   hid_t get() const { return id_; }
   bool valid() const { return id_ >= 0; }
+  // Closes now and says whether HDF5 succeeded: a file's close is where its last writes happen, so
+  // writers must check it rather than leave it to the destructor.
+  bool close() {
+    const hid_t id = id_;
+    id_ = -1;
+    return id < 0 || closer_(id) >= 0;
+  }
 
  private:
   hid_t id_;

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cassert>
 #include <cstring>
 #include <cstdio>
@@ -36,6 +37,27 @@ int64_t element_count(const std::vector<int64_t>& shape) {
   int64_t numel = 1;
   for (int64_t dim : shape) numel *= dim;
   return numel;
+}
+
+// The first element of a float tensor that is NaN or Inf (by its exponent bits), or -1.
+int64_t first_non_finite(kernels::DType dtype, const void* data, int64_t count) {
+  if (dtype == kernels::DType::f32) {
+    const auto* bytes = static_cast<const uint8_t*>(data);
+    for (int64_t i = 0; i < count; ++i) {
+      uint32_t word;
+      std::memcpy(&word, bytes + 4 * i, sizeof word);
+      if ((word & 0x7f800000u) == 0x7f800000u) return i;
+    }
+  } else if (dtype == kernels::DType::bf16 || dtype == kernels::DType::f16) {
+    const uint16_t exponent = dtype == kernels::DType::bf16 ? 0x7f80 : 0x7c00;
+    const auto* bytes = static_cast<const uint8_t*>(data);
+    for (int64_t i = 0; i < count; ++i) {
+      uint16_t half;
+      std::memcpy(&half, bytes + 2 * i, sizeof half);
+      if ((half & exponent) == exponent) return i;
+    }
+  }
+  return -1;
 }
 
 }  // namespace
@@ -304,6 +326,18 @@ int64_t ModelStoreWriter::create_tensor_group(const std::string& name, const std
   return group;
 }
 
+void ModelStoreWriter::refuse_non_finite(const std::string& name, const char* part, kernels::DType dtype,
+                                         const void* data, int64_t count) const {
+  const int64_t at = first_non_finite(dtype, data, count);
+  if (at < 0) return;
+  float value = 0;
+  kernels::convert_to_float(dtype, static_cast<const uint8_t*>(data) + at * kernels::dtype_size(dtype), 1, &value);
+  throw FormatError("tensor '" + name + "' of " + (header_.source.empty() ? std::string("the source") : header_.source) +
+                        " holds " + (std::isnan(value) ? "NaN" : "Inf") + " in its " + part + " (element " +
+                        std::to_string(at) + "): the source is corrupt, or was saved from a run that diverged",
+                    "convert an intact checkpoint; a store with non-finite weights or scales makes every loss NaN");
+}
+
 QuantGeometry ModelStoreWriter::geometry_for(const std::vector<int64_t>& shape) const {
   return quant_geometry(header_, shape);
 }
@@ -314,6 +348,7 @@ void ModelStoreWriter::add_quantized(const std::string& name, const std::vector<
   const QuantGeometry geometry = geometry_for(shape);
   Handle group(create_tensor_group(name, shape, source_dtype, true), H5Gclose);
   const std::string where = path_ + ": tensor '" + name + "'";
+  refuse_non_finite(name, "absmax (quantization scales)", kernels::DType::f32, absmax, geometry.blocks());
   write_dataset(group.get(), "codes", kernels::DType::u8, geometry.code_bytes(), codes, where);
   write_dataset(group.get(), "absmax", kernels::DType::f32, geometry.blocks(), absmax, where);
 }
@@ -326,6 +361,8 @@ void ModelStoreWriter::add_double_quantized(const std::string& name, const std::
   const QuantGeometry geometry = geometry_for(shape);
   Handle group(create_tensor_group(name, shape, source_dtype, true), H5Gclose);
   const std::string where = path_ + ": tensor '" + name + "'";
+  refuse_non_finite(name, "nested_offset", kernels::DType::f32, &nested_offset, 1);
+  refuse_non_finite(name, "nested absmax", kernels::DType::f32, nested_absmax, geometry.nested_blocks());
   write_double_attribute(group.get(), "nested_offset", nested_offset, where);
   write_dataset(group.get(), "codes", kernels::DType::u8, geometry.code_bytes(), codes, where);
   write_dataset(group.get(), "absmax", kernels::DType::u8, geometry.blocks(), absmax_codes, where);
@@ -338,12 +375,14 @@ void ModelStoreWriter::add_int8(const std::string& name, const std::vector<int64
   const QuantGeometry geometry = geometry_for(shape);
   Handle group(create_tensor_group(name, shape, source_dtype, true), H5Gclose);
   const std::string where = path_ + ": tensor '" + name + "'";
+  refuse_non_finite(name, "row scales (SCB)", kernels::DType::f32, row_absmax, geometry.blocks());
   write_dataset(group.get(), "codes", kernels::DType::i8, geometry.code_bytes(), codes, where);
   write_dataset(group.get(), "absmax", kernels::DType::f32, geometry.blocks(), row_absmax, where);
 }
 
 void ModelStoreWriter::add_dense(const std::string& name, const std::vector<int64_t>& shape, kernels::DType dtype,
                                  const void* data) {
+  refuse_non_finite(name, "values", dtype, data, element_count(shape));
   Handle group(create_tensor_group(name, shape, dtype, false), H5Gclose);
   write_dataset(group.get(), "data", dtype, element_count(shape), data, path_ + ": tensor '" + name + "'");
 }

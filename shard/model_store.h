@@ -131,6 +131,10 @@ class ModelStoreWriter {
   int64_t create_tensor_group(const std::string& name, const std::vector<int64_t>& shape, kernels::DType dtype,
                               bool quantized);
   QuantGeometry geometry_for(const std::vector<int64_t>& shape) const;
+  // FormatError naming the tensor when `count` float values at `data` hold a NaN or Inf: a store
+  // never keeps weights or scales that would make every loss non-finite.
+  void refuse_non_finite(const std::string& name, const char* part, kernels::DType dtype, const void* data,
+                         int64_t count) const;
   std::string path_;
   std::string partial_path_;
   StoreHeader header_;
