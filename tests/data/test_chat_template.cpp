@@ -84,7 +84,7 @@ TEST(ChatTemplateFixtures, RealTemplatesRenderByteForByteAsTransformers) {
       ++raised;
     }
   }
-  EXPECT_EQ(templates.size(), 8u);
+  EXPECT_EQ(templates.size(), 9u);
   EXPECT_GE(rendered, 100);
   EXPECT_GE(raised, 20);
 }
