@@ -35,7 +35,7 @@ int main() {
   const std::string folder = std::string(QLORA_RESULTS_DIR) + "/../../tests/fixtures/chat_templates/";
   const std::vector<std::string> templates = {
       "llama-3.2-instruct.jinja", "llama-2-chat.jinja", "mistral-7b-instruct-v0.2.jinja",
-      "mistral-nemo-instruct-2407.jinja", "qwen2.5-instruct.jinja", "smollm2-135m-instruct.jinja",
+      "mistral-nemo-instruct-2407.jinja", "qwen2.5-instruct.jinja", "qwen3-0.6b.jinja", "smollm2-135m-instruct.jinja",
       "gemma-2-2b-it.jinja", "phi-3.5-mini-instruct.jinja"};
   Json messages = Json::array();
   messages.push_back({{"role", "system"}, {"content", "You are a helpful assistant. Réponds brièvement."}});

@@ -2,6 +2,7 @@
 // context transformers' apply_chat_template builds, and picks the template a job uses.
 #include "data/chat_template.h"
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -80,8 +81,9 @@ std::string ChatTemplate::render(const Json& messages, bool add_generation_promp
 
 std::optional<ChatTemplate> chat_template_for(const shard::ModelStore& store, const std::string& override_path) {
   if (!override_path.empty()) {
+    std::error_code error;
     std::ifstream in(override_path, std::ios::binary);
-    if (!in) {
+    if (!in || std::filesystem::is_directory(override_path, error)) {
       throw UserError(override_path + ": cannot read the chat template file",
                       "check the path given to --chat-template");
     }

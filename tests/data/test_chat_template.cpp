@@ -84,7 +84,7 @@ TEST(ChatTemplateFixtures, RealTemplatesRenderByteForByteAsTransformers) {
       ++raised;
     }
   }
-  EXPECT_EQ(templates.size(), 8u);
+  EXPECT_EQ(templates.size(), 9u);
   EXPECT_GE(rendered, 100);
   EXPECT_GE(raised, 20);
 }
@@ -232,6 +232,12 @@ TEST(ChatTemplateStore, HfFolderTemplateTravelsIntoTheStore) {
     const std::string override_path = folder + "/override.jinja";
     write_file(override_path, "{{ messages|length }}");
     EXPECT_EQ(qlora::data::chat_template_for(*store, override_path)->render(Json::array(), false, Json::object()), "0");
+    try {
+      qlora::data::chat_template_for(*store, folder);
+      ADD_FAILURE() << "a directory given as --chat-template must be refused";
+    } catch (const qlora::UserError& error) {
+      EXPECT_NE(std::string(error.what()).find("cannot read"), std::string::npos) << error.what();
+    }
     try {
       qlora::data::chat_template_for(*store, folder + "/absent.jinja");
       ADD_FAILURE() << "a missing --chat-template file must be refused";
