@@ -306,11 +306,23 @@ std::vector<float> llama3_rope_factors(const shard::ModelConfig& config) {
   return factors;
 }
 
+// The store's tokenizer, or kind "" with a warning when it carries none: a merged model without
+// tokenizer files is still worth writing.
+shard::TokenizerSource stored_tokenizer(const shard::ModelStore& store) {
+  try {
+    return shard::store_tokenizer_source(store);
+  } catch (const FormatError& error) {
+    log::warn(std::string(error.what()) + " - the output gets no tokenizer");
+    return {};
+  }
+}
+
 // tokenizer.* keys re-typed as llama.cpp reads them: the store's copy widened integers to int64 and
 // floats to float64, and llama.cpp refuses a token id that is not uint32 or a token_type array that
 // is not int32.
 void add_gguf_tokenizer(const shard::ModelStore& store, shard::GgufHeaderBuilder& builder) {
-  const auto source = shard::store_tokenizer_source(store);
+  const auto source = stored_tokenizer(store);
+  if (source.kind.empty()) return;
   if (source.kind != "gguf") {
     log::warn("the model store's tokenizer is '" + source.kind +
               "': the GGUF carries no tokenizer.* metadata (llama.cpp needs one; convert from a GGUF model to keep it)");
@@ -571,9 +583,9 @@ void write_hf_side_files(const shard::ModelStore& store, const std::string& fold
   Json config = header.config.to_json();
   config["torch_dtype"] = kernels::dtype_name(dtype);
   config.erase("quantization_config");
-  const auto source = shard::store_tokenizer_source(store);
+  const auto source = stored_tokenizer(store);
   int32_t bos = -1, eos = -1;
-  if (source.kind != "bytes") {
+  if (source.kind != "bytes" && !source.kind.empty()) {
     const auto tokenizer = data::load_tokenizer(source, store.path() + " (tokenizer)");
     bos = tokenizer->bos_id();
     eos = tokenizer->eos_id();
@@ -613,7 +625,8 @@ void write_hf_side_files(const shard::ModelStore& store, const std::string& fold
     write_file_atomically(folder + "/tokenizer.model", source.bytes);
     tokenizer_config["tokenizer_class"] = "LlamaTokenizer";
   } else {
-    log::warn("the model store's tokenizer is '" + source.kind + "': the folder gets no tokenizer files");
+    if (!source.kind.empty())
+      log::warn("the model store's tokenizer is '" + source.kind + "': the folder gets no tokenizer files");
     return;
   }
   write_file_atomically(folder + "/tokenizer_config.json", dump_json(tokenizer_config, 2) + "\n");
