@@ -306,11 +306,84 @@ std::vector<float> llama3_rope_factors(const shard::ModelConfig& config) {
   return factors;
 }
 
+// The store's tokenizer, or kind "" with a warning when it carries none: a merged model without
+// tokenizer files is still worth writing.
+shard::TokenizerSource stored_tokenizer(const shard::ModelStore& store) {
+  try {
+    return shard::store_tokenizer_source(store);
+  } catch (const FormatError& error) {
+    log::warn(std::string(error.what()) + " - the output gets no tokenizer");
+    return {};
+  }
+}
+
+// The llama.cpp pre-tokenizer name of a tokenizer.json's pre_tokenizer, for the three byte-level
+// layouts qlora's own GGUF tokenizer implements; "" for any other.
+std::string gguf_pre_tokenizer_name(const Json& pre_tokenizer) {
+  const auto byte_level_with_regex = [](const Json& node, bool use_regex) {
+    return node.is_object() && node.value("type", "") == "ByteLevel" && node.value("use_regex", true) == use_regex &&
+           !node.value("add_prefix_space", false);
+  };
+  if (byte_level_with_regex(pre_tokenizer, true)) return "gpt2";
+  if (!pre_tokenizer.is_object() || pre_tokenizer.value("type", "") != "Sequence") return "";
+  const Json& steps = pre_tokenizer.contains("pretokenizers") ? pre_tokenizer.at("pretokenizers") : Json::array();
+  if (steps.size() != 2 || !steps[0].is_object()) return "";
+  if (steps[0].value("type", "") == "Digits" && steps[0].value("individual_digits", false) &&
+      byte_level_with_regex(steps[1], true))
+    return "smollm";
+  const std::string llama3 =
+      "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+  if (steps[0].value("type", "") == "Split" && steps[0].contains("pattern") && steps[0].at("pattern").is_object() &&
+      steps[0].at("pattern").value("Regex", "") == llama3 && byte_level_with_regex(steps[1], false))
+    return "llama-bpe";
+  return "";
+}
+
+// tokenizer.ggml.* from a byte-level BPE tokenizer.json (the converse of tokenizer_json_from_gguf):
+// tokens by id (ids nothing names become "[PAD<id>]", type unused), special added tokens as control
+// (type 3), other added tokens as user-defined (type 4), merges as "left right". False (nothing
+// added) for another model or pre-tokenizer.
+bool add_gguf_tokenizer_from_json(const shard::TokenizerSource& source, shard::GgufHeaderBuilder& builder) {
+  const Json tokenizer = parse_json(source.bytes, "tokenizer.json");
+  if (!tokenizer.contains("model") || tokenizer.at("model").value("type", "") != "BPE") return false;
+  const std::string pre = gguf_pre_tokenizer_name(tokenizer.value("pre_tokenizer", Json()));
+  if (pre.empty()) return false;
+  const Json& model = tokenizer.at("model");
+  std::map<int64_t, std::pair<std::string, int32_t>> by_id;   // id -> token, type
+  for (const auto& [token, id] : model.at("vocab").items()) by_id[id.get<int64_t>()] = {token, 1};
+  if (tokenizer.contains("added_tokens"))
+    for (const auto& added : tokenizer.at("added_tokens"))
+      by_id[added.at("id").get<int64_t>()] = {added.at("content").get<std::string>(), added.value("special", true) ? 3 : 4};
+  if (by_id.empty() || by_id.begin()->first < 0) return false;
+  const int64_t count = by_id.rbegin()->first + 1;
+  std::vector<std::string> tokens(static_cast<size_t>(count));
+  std::vector<int32_t> types(static_cast<size_t>(count), 5);
+  for (int64_t id = 0; id < count; ++id) tokens[static_cast<size_t>(id)] = "[PAD" + std::to_string(id) + "]";
+  for (const auto& [id, entry] : by_id) tokens[static_cast<size_t>(id)] = entry.first, types[static_cast<size_t>(id)] = entry.second;
+  std::vector<std::string> merges;
+  for (const auto& merge : model.value("merges", Json::array()))
+    merges.push_back(merge.is_string() ? merge.get<std::string>()
+                                       : merge.at(0).get<std::string>() + " " + merge.at(1).get<std::string>());
+  builder.add_string("tokenizer.ggml.model", "gpt2");
+  builder.add_string("tokenizer.ggml.pre", pre);
+  builder.add_string_array("tokenizer.ggml.tokens", tokens);
+  builder.add_int32_array("tokenizer.ggml.token_type", types);
+  builder.add_string_array("tokenizer.ggml.merges", merges);
+  for (const auto& [key, name] : {std::pair<const char*, std::string>{"tokenizer.ggml.bos_token_id", source.bos_token},
+                                  {"tokenizer.ggml.eos_token_id", source.eos_token}}) {
+    const auto found = std::find(tokens.begin(), tokens.end(), name);
+    if (!name.empty() && found != tokens.end()) builder.add_uint32(key, static_cast<uint32_t>(found - tokens.begin()));
+  }
+  return true;
+}
+
 // tokenizer.* keys re-typed as llama.cpp reads them: the store's copy widened integers to int64 and
 // floats to float64, and llama.cpp refuses a token id that is not uint32 or a token_type array that
 // is not int32.
 void add_gguf_tokenizer(const shard::ModelStore& store, shard::GgufHeaderBuilder& builder) {
-  const auto source = shard::store_tokenizer_source(store);
+  const auto source = stored_tokenizer(store);
+  if (source.kind.empty()) return;
+  if (source.kind == "tokenizer.json" && add_gguf_tokenizer_from_json(source, builder)) return;
   if (source.kind != "gguf") {
     log::warn("the model store's tokenizer is '" + source.kind +
               "': the GGUF carries no tokenizer.* metadata (llama.cpp needs one; convert from a GGUF model to keep it)");
@@ -571,9 +644,9 @@ void write_hf_side_files(const shard::ModelStore& store, const std::string& fold
   Json config = header.config.to_json();
   config["torch_dtype"] = kernels::dtype_name(dtype);
   config.erase("quantization_config");
-  const auto source = shard::store_tokenizer_source(store);
+  const auto source = stored_tokenizer(store);
   int32_t bos = -1, eos = -1;
-  if (source.kind != "bytes") {
+  if (source.kind != "bytes" && !source.kind.empty()) {
     const auto tokenizer = data::load_tokenizer(source, store.path() + " (tokenizer)");
     bos = tokenizer->bos_id();
     eos = tokenizer->eos_id();
@@ -613,7 +686,8 @@ void write_hf_side_files(const shard::ModelStore& store, const std::string& fold
     write_file_atomically(folder + "/tokenizer.model", source.bytes);
     tokenizer_config["tokenizer_class"] = "LlamaTokenizer";
   } else {
-    log::warn("the model store's tokenizer is '" + source.kind + "': the folder gets no tokenizer files");
+    if (!source.kind.empty())
+      log::warn("the model store's tokenizer is '" + source.kind + "': the folder gets no tokenizer files");
     return;
   }
   write_file_atomically(folder + "/tokenizer_config.json", dump_json(tokenizer_config, 2) + "\n");

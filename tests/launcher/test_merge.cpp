@@ -13,6 +13,7 @@
 
 #include "cluster/mpi_communicator.h"
 #include "common/json.h"
+#include "data/tokenizer.h"
 #include "kernels/double_quant.h"
 #include "kernels/ggml_blocks.h"
 #include "kernels/nf4.h"
@@ -343,6 +344,48 @@ TEST(Merge, GgufReadsBackAsTheMergedWeights) {
               << tensor.name << " block " << block << " cols " << cols;
       }
     }
+  }
+}
+
+
+// A store converted from a folder with a byte-level BPE tokenizer.json: the GGUF's tokenizer.ggml.*
+// keys, loaded by qlora's GGUF tokenizer, give the tokenizer.json's ids on the fixture texts (SmolLM2's
+// Digits + ByteLevel layout and Llama 3's split expression), with the same bos / eos.
+TEST(Merge, GgufCarriesATokenizerJsonsTokenizer) {
+  const Json cases = parse_json(read_file(testing_support::source_dir() + "/tests/fixtures/tokenizers/cases.json"), "cases");
+  for (const std::string name : {"austen_bpe", "austen_llama3"}) {
+    const std::string folder = shared_temp_dir() + "/hf_" + name;
+    fs::create_directories(folder);
+    for (const std::string file : {"config.json", "model.safetensors"})
+      fs::copy_file(testing_support::source_dir() + "/tests/fixtures/model/llama/hf/" + file, folder + "/" + file,
+                    fs::copy_options::overwrite_existing);
+    const std::string json_text = read_file(testing_support::source_dir() + "/tests/fixtures/tokenizers/" + name + ".json");
+    testing_support::write_file(folder + "/tokenizer.json", json_text);
+    testing_support::write_file(folder + "/tokenizer_config.json",
+                                "{\"bos_token\": \"<|im_start|>\", \"eos_token\": \"<|endoftext|>\"}");
+    std::string output;
+    ASSERT_EQ(run_command(qlora_binary() + " convert --from " + folder + " --out " + folder + ".h5", &output), 0) << output;
+    const std::string path = folder + ".gguf";
+    EXPECT_EQ(run_command(qlora_binary() + " merge --model " + folder + ".h5 --out " + path + " --format gguf", &output), 0)
+        << output;
+    auto file = shard::GgufFile::open(path);
+    EXPECT_EQ(file->get_string("tokenizer.ggml.pre"), name == "austen_bpe" ? "smollm" : "llama-bpe");
+    EXPECT_EQ(file->find_key("tokenizer.ggml.token_type")->element_type, shard::GgufType::int32);
+    const auto from_gguf = data::load_gguf_tokenizer(*file);
+    const auto from_json = data::load_tokenizer_json(json_text, name);
+    // austen_bpe names both tokens; austen_llama3 has neither, so the GGUF carries no ids for them.
+    EXPECT_EQ(file->has_key("tokenizer.ggml.bos_token_id"), name == "austen_bpe");
+    EXPECT_EQ(from_gguf->bos_id(), file->get_int("tokenizer.ggml.bos_token_id", -1));
+    EXPECT_EQ(from_gguf->eos_id(), file->get_int("tokenizer.ggml.eos_token_id", -1));
+    if (name == "austen_bpe") EXPECT_GE(from_gguf->eos_id(), 0);
+    EXPECT_EQ(from_gguf->vocab_size(), from_json->vocab_size());
+    int texts = 0;
+    for (const auto& text : cases.at("texts")) {
+      const std::string value = text.get<std::string>();
+      EXPECT_EQ(from_gguf->encode(value), from_json->encode(value)) << name << ": " << value;
+      ++texts;
+    }
+    EXPECT_GE(texts, 20);
   }
 }
 
