@@ -14,6 +14,7 @@ Needs: pip install torch transformers peft bitsandbytes. Writes bench/results/pe
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,25 +58,42 @@ def python_loss(adapter_dir, eval_path, nf4):
     return loss.item()
 
 
+def byte_token_files(folder, texts):
+    """The fixture checkpoint has no tokenizer file, so qlora trains and evaluates on pre-tokenized data:
+    byte tokens (id = byte value, what the Python side feeds), written by qlora itself as the token
+    cache of a synthetic byte-token model reading a copy of each text."""
+    store = os.path.join(folder, "bytes.h5")
+    qlora("convert", "--synthetic", "micro", "--out", store)
+    token_files = []
+    for index, text in enumerate(texts):
+        copy = os.path.join(folder, f"text{index}.txt")
+        shutil.copyfile(text, copy)
+        qlora("eval", "--model", store, "--data", copy, "--seq-len", str(SEQ_LEN), "--windows", "1")
+        token_files.append(copy + ".tokens.h5")
+        assert os.path.exists(token_files[-1])
+    return token_files
+
+
 def main():
     eval_path = EVAL_TEXT if os.path.exists(EVAL_TEXT) else TRAIN_TEXT
     results = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                "eval_text": os.path.basename(eval_path), "windows": WINDOWS, "seq_len": SEQ_LEN, "cases": []}
     with tempfile.TemporaryDirectory() as folder:
+        train_tokens, eval_tokens = byte_token_files(folder, [TRAIN_TEXT, eval_path])
         for quant_type, dora in [("none", False), ("nf4", False), ("none", True), ("nf4", True)]:
             store = os.path.join(folder, f"{quant_type}.h5")
             run = os.path.join(folder, f"run-{quant_type}-{'dora' if dora else 'lora'}")
             if not os.path.exists(store):
                 qlora("convert", "--from", BASE, "--quant-type", quant_type, "--out", store)
-            qlora("train", "--model", store, "--data", TRAIN_TEXT, "--steps", "30", "--seq-len", str(SEQ_LEN),
+            qlora("train", "--model", store, "--data", train_tokens, "--steps", "30", "--seq-len", str(SEQ_LEN),
                   "--global-batch", "8", "--eval-fraction", "0", "--lora-r", "8", "--lora-alpha", "16",
                   "--progress", "lines", "--out", run, *(["--use-dora"] if dora else []))
             with open(os.path.join(run, "final", "adapter_config.json")) as config_file:
                 assert json.load(config_file)["use_dora"] == dora
-            output = qlora("eval", "--model", store, "--adapter", os.path.join(run, "final"), "--data", eval_path,
+            output = qlora("eval", "--model", store, "--adapter", os.path.join(run, "final"), "--data", eval_tokens,
                            "--seq-len", str(SEQ_LEN), "--windows", str(WINDOWS))
             qlora_loss = float(re.search(r"eval: loss ([0-9.]+)", output).group(1))
-            base_output = qlora("eval", "--model", store, "--data", eval_path, "--seq-len", str(SEQ_LEN),
+            base_output = qlora("eval", "--model", store, "--data", eval_tokens, "--seq-len", str(SEQ_LEN),
                                 "--windows", str(WINDOWS))
             base_loss = float(re.search(r"eval: loss ([0-9.]+)", base_output).group(1))
             peft_loss = python_loss(os.path.join(run, "final"), eval_path, quant_type == "nf4")
