@@ -3,10 +3,12 @@
 // transformers dequantizes it to) with the committed PEFT adapter (tests/fixtures/generate, made by
 // scripts/make_generate_fixtures.py) continues raw and chat-formatted prompts token for token as
 // transformers + PEFT's generate(do_sample=False) did, stopping where it stopped; qlora's tokenizer
-// gives transformers' prompt ids.
+// gives transformers' prompt ids, and the chat prompt is what qlora's renderer makes of the messages with
+// the model's chat template (tests/fixtures/generate/chat_template.jinja).
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -14,6 +16,7 @@
 
 #include "cluster/mpi_communicator.h"
 #include "common/json.h"
+#include "data/chat_template.h"
 #include "data/tokenizer.h"
 #include "launcher/adapter_io.h"
 #include "launcher/generate.h"
@@ -64,6 +67,11 @@ TEST(GenerateSmolLM2, GreedyTokensEqualTransformersWithPeftAdapter) {
     auto expected_ids = item["new_ids"].get<std::vector<int64_t>>();
     const auto encoded = tokenizer->encode(prompt_text);
     EXPECT_EQ(std::vector<int64_t>(encoded.begin(), encoded.end()), prompt) << prompt_text;
+    if (item.contains("messages")) {
+      const auto chat_template = data::chat_template_for(*store, fixture_folder() + "/chat_template.jinja");
+      ASSERT_TRUE(chat_template.has_value());
+      EXPECT_EQ(chat_template->render(item["messages"], true, Json::object()), prompt_text);
+    }
     const bool expect_stop = !expected_ids.empty() && expected_ids.back() == eos;
     if (expect_stop) expected_ids.pop_back();
 
