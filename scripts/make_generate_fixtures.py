@@ -10,6 +10,7 @@ records the greedy continuation of a few prompts. Written to tests/fixtures/gene
   expected.json   per prompt: its text, transformers' prompt ids, the new ids generate() returned (an
       eos at the end means generation stopped there), and their decoded text; one prompt is a chat
       rendered with the model's chat template (apply_chat_template, add_generation_prompt=True)
+  chat_template.jinja   that template (the GGUF's tokenizer.chat_template), for qlora's renderer
 
 Usage: /work/fixvenv/bin/python scripts/make_generate_fixtures.py /work/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 Needs: torch transformers peft gguf safetensors. CI does not run this; the test skips without
@@ -85,6 +86,8 @@ def main(gguf_path):
         json.dump({"eos_token_id": tokenizer.eos_token_id, "max_new_tokens": NEW_TOKENS, "cases": cases},
                   expected, indent=1)
         expected.write("\n")
+    with open(os.path.join(OUT, "chat_template.jinja"), "w") as template:
+        template.write(tokenizer.chat_template)
     with open(os.path.join(OUT, "VERSIONS"), "w") as versions:
         versions.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
                        f"peft {peft.__version__}\nsource {name}\n")
