@@ -204,12 +204,13 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
   options.add_options()
       ("help,h", "show this help")
       ("model", po::value<std::string>(), "model store to describe")
-      ("world", po::value<int>()->default_value(0), "also print the shard plan for this many ranks");
+      ("world", po::value<int>()->default_value(0), "also print the shard plan for this many ranks")
+      ("verify", po::bool_switch(), "read every tensor and check it against the store's checksums");
   po::positional_options_description positional;
   positional.add("model", 1);
   const auto values = parse(arguments, options, "inspect", &positional);
   if (values.count("help") || !values.count("model")) {
-    print_help("usage: qlora inspect model.h5 [--world N]", options);
+    print_help("usage: qlora inspect model.h5 [--world N] [--verify]", options);
     if (!values.count("help")) throw UserError("no model store given", "usage: qlora inspect model.h5 [--world N]");
     return 0;
   }
@@ -243,6 +244,18 @@ int run_inspect(const std::vector<std::string>& arguments, CommandContext& conte
                   kernels::dtype_name(tensor.dtype).c_str(), tensor.quantized ? header.quant_type.c_str() : "-",
                   static_cast<long long>(bytes));
     out << row;
+  }
+  if (values["verify"].as<bool>()) {
+    if (!store->has_checksums())
+      throw UserError(store->path() + " has no tensor checksums (converted by an older qlora): nothing to verify",
+                      "convert the model again to add them");
+    const auto start = std::chrono::steady_clock::now();
+    const uint64_t verified = store->verify_all();
+    char line[256];
+    std::snprintf(line, sizeof line, "\nverified: %s of tensor data in %zu tensors match their checksums (%.2f s)\n",
+                  format_bytes(static_cast<double>(verified)).c_str(), store->tensors().size(),
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    out << line;
   }
   const int world = values["world"].as<int>();
   if (world > 0) {

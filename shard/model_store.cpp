@@ -20,7 +20,9 @@
 #include <filesystem>
 #include <sstream>
 
+#include "common/hash.h"
 #include "common/json.h"
+#include "common/log.h"
 #include "shard/hdf5_file.h"
 #include "shard/safetensors.h"
 
@@ -58,6 +60,32 @@ int64_t first_non_finite(kernels::DType dtype, const void* data, int64_t count) 
     }
   }
   return -1;
+}
+
+// Stored tensor data carries FNV-1a 64 checksums over fixed 1 MiB pieces of each dataset, in a
+// sibling dataset "<part>_fnv1a64" (int64, one per piece): a rank reading a slice verifies the pieces
+// it touches, reading at most one piece's worth beyond each end of its slice.
+constexpr int64_t kChecksumPieceBytes = int64_t{1} << 20;
+constexpr const char* kChecksumSuffix = "_fnv1a64";
+
+int64_t piece_checksum(const Fnv1a64& hash) { return static_cast<int64_t>(std::stoull(hash.hex(), nullptr, 16)); }
+
+void write_with_checksums(hid_t group, const char* part, kernels::DType dtype, int64_t count, const void* data,
+                          const std::string& where) {
+  write_dataset(group, part, dtype, count, data, where);
+  if (count <= 0) return;
+  const int64_t element = kernels::dtype_size(dtype);
+  const int64_t piece = kChecksumPieceBytes / element;
+  std::vector<int64_t> checksums(static_cast<size_t>((count + piece - 1) / piece));
+  const auto* bytes = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i < checksums.size(); ++i) {
+    const int64_t begin = static_cast<int64_t>(i) * piece;
+    Fnv1a64 hash;
+    hash.update(bytes + begin * element, static_cast<size_t>(std::min(piece, count - begin) * element));
+    checksums[i] = piece_checksum(hash);
+  }
+  write_dataset(group, (std::string(part) + kChecksumSuffix).c_str(), kernels::DType::i64,
+                static_cast<int64_t>(checksums.size()), checksums.data(), where);
 }
 
 }  // namespace
@@ -170,6 +198,12 @@ std::unique_ptr<ModelStore> ModelStore::open(const std::string& path) {
     }
     store->tensors_.push_back(std::move(tensor));
   }
+  // Stores converted before checksums existed still load; their data is read unverified.
+  const std::string first_part = tensor_group(store->tensors_.front().name) +
+                                 (store->tensors_.front().quantized ? "/codes" : "/data") + kChecksumSuffix;
+  store->checksummed_ = H5Lexists(file, first_part.c_str(), H5P_DEFAULT) > 0;
+  if (!store->checksummed_)
+    log::banner("note: " + path + " has no tensor checksums (converted by an older qlora); its data is read unverified");
   return store;
 }
 
@@ -193,35 +227,31 @@ void ModelStore::read_codes(const std::string& name, const ShardRange& range, ui
   const StoredTensor& stored = tensor(name);
   assert(stored.quantized);
   const auto code_dtype = stored.geometry.code_bits == 8 ? kernels::DType::i8 : kernels::DType::u8;
-  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/codes", code_dtype, stored.geometry.code_bytes(),
-                 range.byte_begin, range.byte_end, codes, path_ + ": tensor '" + name + "'");
+  read_checked(name, "codes", code_dtype, stored.geometry.code_bytes(), range.byte_begin, range.byte_end, codes);
   bytes_read_ += static_cast<uint64_t>(range.bytes());
 }
 
 void ModelStore::read_absmax(const std::string& name, const ShardRange& range, float* absmax) const {
   const StoredTensor& stored = tensor(name);
   assert(stored.quantized && !stored.geometry.double_quant);
-  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/absmax", kernels::DType::f32,
-                 stored.geometry.blocks(), range.block_begin, range.block_end, absmax,
-                 path_ + ": tensor '" + name + "'");
+  read_checked(name, "absmax", kernels::DType::f32, stored.geometry.blocks(), range.block_begin, range.block_end,
+               absmax);
   bytes_read_ += static_cast<uint64_t>(range.blocks()) * sizeof(float);
 }
 
 void ModelStore::read_absmax_codes(const std::string& name, const ShardRange& range, uint8_t* absmax_codes) const {
   const StoredTensor& stored = tensor(name);
   assert(stored.quantized && stored.geometry.double_quant);
-  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/absmax", kernels::DType::u8,
-                 stored.geometry.blocks(), range.block_begin, range.block_end, absmax_codes,
-                 path_ + ": tensor '" + name + "'");
+  read_checked(name, "absmax", kernels::DType::u8, stored.geometry.blocks(), range.block_begin, range.block_end,
+               absmax_codes);
   bytes_read_ += static_cast<uint64_t>(range.blocks());
 }
 
 void ModelStore::read_nested_absmax(const std::string& name, const ShardRange& range, float* nested_absmax) const {
   const StoredTensor& stored = tensor(name);
   assert(stored.quantized && stored.geometry.double_quant);
-  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/nested_absmax", kernels::DType::f32,
-                 stored.geometry.nested_blocks(), range.nested_begin, range.nested_end, nested_absmax,
-                 path_ + ": tensor '" + name + "'");
+  read_checked(name, "nested_absmax", kernels::DType::f32, stored.geometry.nested_blocks(), range.nested_begin,
+               range.nested_end, nested_absmax);
   bytes_read_ += static_cast<uint64_t>(range.nested_blocks()) * sizeof(float);
 }
 
@@ -239,8 +269,7 @@ void ModelStore::read_quantized(const std::string& name, const ShardRange& range
 void ModelStore::read_dense(const std::string& name, void* destination) const {
   const StoredTensor& stored = tensor(name);
   assert(!stored.quantized);
-  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/data", stored.dtype, stored.numel, 0,
-                 stored.numel, destination, path_ + ": tensor '" + name + "'");
+  read_checked(name, "data", stored.dtype, stored.numel, 0, stored.numel, destination);
   bytes_read_ += static_cast<uint64_t>(stored.numel) * kernels::dtype_size(stored.dtype);
 }
 
@@ -253,9 +282,77 @@ void ModelStore::read_dense_rows(const std::string& name, int64_t row_begin, int
                       std::to_string(row_begin) + ", " + std::to_string(row_end) + ") were asked for");
   const int64_t row_elements = rows == 0 ? 0 : stored.numel / rows;
   const int64_t count = (row_end - row_begin) * row_elements;
-  read_hyperslab(static_cast<hid_t>(file_), tensor_group(name) + "/data", stored.dtype, stored.numel,
-                 row_begin * row_elements, row_end * row_elements, destination, path_ + ": tensor '" + name + "'");
+  read_checked(name, "data", stored.dtype, stored.numel, row_begin * row_elements, row_end * row_elements, destination);
   bytes_read_ += static_cast<uint64_t>(count) * kernels::dtype_size(stored.dtype);
+}
+
+void ModelStore::read_checked(const std::string& name, const char* part, kernels::DType dtype, int64_t length,
+                              int64_t begin, int64_t end, void* destination) const {
+  const hid_t file = static_cast<hid_t>(file_);
+  const std::string dataset = tensor_group(name) + "/" + part;
+  const std::string where = path_ + ": tensor '" + name + "'";
+  read_hyperslab(file, dataset, dtype, length, begin, end, destination, where);
+  if (!checksummed_ || end <= begin) return;
+  const std::string checksums_path = dataset + kChecksumSuffix;
+  const int64_t element = kernels::dtype_size(dtype);
+  const int64_t piece = kChecksumPieceBytes / element;
+  const int64_t first = begin / piece;
+  const int64_t last = (end - 1) / piece;
+  std::vector<int64_t> expected(static_cast<size_t>(last - first + 1));
+  read_hyperslab(file, checksums_path, kernels::DType::i64, (length + piece - 1) / piece, first, last + 1,
+                 expected.data(), where);
+  // The parts of the first and last pieces outside [begin, end) are read only to check the pieces.
+  const int64_t head_begin = first * piece;
+  const int64_t tail_end = std::min(length, (last + 1) * piece);
+  std::vector<uint8_t> head(static_cast<size_t>((begin - head_begin) * element));
+  std::vector<uint8_t> tail(static_cast<size_t>((tail_end - end) * element));
+  if (!head.empty()) read_hyperslab(file, dataset, dtype, length, head_begin, begin, head.data(), where);
+  if (!tail.empty()) read_hyperslab(file, dataset, dtype, length, end, tail_end, tail.data(), where);
+  const auto* middle = static_cast<const uint8_t*>(destination);
+  for (int64_t index = first; index <= last; ++index) {
+    const int64_t piece_begin = index * piece;
+    const int64_t piece_end = std::min(length, piece_begin + piece);
+    Fnv1a64 hash;
+    if (piece_begin < begin) hash.update(head.data() + (piece_begin - head_begin) * element, (begin - piece_begin) * element);
+    const int64_t inside_begin = std::max(piece_begin, begin);
+    const int64_t inside_end = std::min(piece_end, end);
+    hash.update(middle + (inside_begin - begin) * element, static_cast<size_t>((inside_end - inside_begin) * element));
+    if (piece_end > end) hash.update(tail.data(), static_cast<size_t>((piece_end - end) * element));
+    if (piece_checksum(hash) != expected[static_cast<size_t>(index - first)])
+      throw FormatError(where + ": its stored " + part + " (bytes " + std::to_string(piece_begin * element) + " to " +
+                            std::to_string(piece_end * element) + ") do not match their checksum: the store is corrupt",
+                        "convert the model again or restore the file from a copy; `qlora inspect --verify " + path_ +
+                            "` checks every tensor");
+  }
+}
+
+uint64_t ModelStore::verify_all() const {
+  if (!checksummed_) return 0;
+  uint64_t verified = 0;
+  std::vector<uint8_t> buffer;
+  auto verify_part = [&](const std::string& name, const char* part, kernels::DType dtype, int64_t length) {
+    const int64_t element = kernels::dtype_size(dtype);
+    const int64_t step = (int64_t{64} << 20) / element;  // 64 MiB at a time, whole checksum pieces
+    buffer.resize(static_cast<size_t>(std::min(length, step) * element));
+    for (int64_t begin = 0; begin < length; begin += step) {
+      const int64_t end = std::min(length, begin + step);
+      read_checked(name, part, dtype, length, begin, end, buffer.data());
+      verified += static_cast<uint64_t>((end - begin) * element);
+    }
+  };
+  for (const auto& stored : tensors_) {
+    if (!stored.quantized) {
+      verify_part(stored.name, "data", stored.dtype, stored.numel);
+      continue;
+    }
+    verify_part(stored.name, "codes", stored.geometry.code_bits == 8 ? kernels::DType::i8 : kernels::DType::u8,
+                stored.geometry.code_bytes());
+    verify_part(stored.name, "absmax", stored.geometry.double_quant ? kernels::DType::u8 : kernels::DType::f32,
+                stored.geometry.blocks());
+    if (stored.geometry.double_quant)
+      verify_part(stored.name, "nested_absmax", kernels::DType::f32, stored.geometry.nested_blocks());
+  }
+  return verified;
 }
 
 bool ModelStore::read_tokenizer(TokenizerSource* source) const {
@@ -349,8 +446,8 @@ void ModelStoreWriter::add_quantized(const std::string& name, const std::vector<
   Handle group(create_tensor_group(name, shape, source_dtype, true), H5Gclose);
   const std::string where = path_ + ": tensor '" + name + "'";
   refuse_non_finite(name, "absmax (quantization scales)", kernels::DType::f32, absmax, geometry.blocks());
-  write_dataset(group.get(), "codes", kernels::DType::u8, geometry.code_bytes(), codes, where);
-  write_dataset(group.get(), "absmax", kernels::DType::f32, geometry.blocks(), absmax, where);
+  write_with_checksums(group.get(), "codes", kernels::DType::u8, geometry.code_bytes(), codes, where);
+  write_with_checksums(group.get(), "absmax", kernels::DType::f32, geometry.blocks(), absmax, where);
 }
 
 void ModelStoreWriter::add_double_quantized(const std::string& name, const std::vector<int64_t>& shape,
@@ -364,9 +461,9 @@ void ModelStoreWriter::add_double_quantized(const std::string& name, const std::
   refuse_non_finite(name, "nested_offset", kernels::DType::f32, &nested_offset, 1);
   refuse_non_finite(name, "nested absmax", kernels::DType::f32, nested_absmax, geometry.nested_blocks());
   write_double_attribute(group.get(), "nested_offset", nested_offset, where);
-  write_dataset(group.get(), "codes", kernels::DType::u8, geometry.code_bytes(), codes, where);
-  write_dataset(group.get(), "absmax", kernels::DType::u8, geometry.blocks(), absmax_codes, where);
-  write_dataset(group.get(), "nested_absmax", kernels::DType::f32, geometry.nested_blocks(), nested_absmax, where);
+  write_with_checksums(group.get(), "codes", kernels::DType::u8, geometry.code_bytes(), codes, where);
+  write_with_checksums(group.get(), "absmax", kernels::DType::u8, geometry.blocks(), absmax_codes, where);
+  write_with_checksums(group.get(), "nested_absmax", kernels::DType::f32, geometry.nested_blocks(), nested_absmax, where);
 }
 
 void ModelStoreWriter::add_int8(const std::string& name, const std::vector<int64_t>& shape,
@@ -376,15 +473,15 @@ void ModelStoreWriter::add_int8(const std::string& name, const std::vector<int64
   Handle group(create_tensor_group(name, shape, source_dtype, true), H5Gclose);
   const std::string where = path_ + ": tensor '" + name + "'";
   refuse_non_finite(name, "row scales (SCB)", kernels::DType::f32, row_absmax, geometry.blocks());
-  write_dataset(group.get(), "codes", kernels::DType::i8, geometry.code_bytes(), codes, where);
-  write_dataset(group.get(), "absmax", kernels::DType::f32, geometry.blocks(), row_absmax, where);
+  write_with_checksums(group.get(), "codes", kernels::DType::i8, geometry.code_bytes(), codes, where);
+  write_with_checksums(group.get(), "absmax", kernels::DType::f32, geometry.blocks(), row_absmax, where);
 }
 
 void ModelStoreWriter::add_dense(const std::string& name, const std::vector<int64_t>& shape, kernels::DType dtype,
                                  const void* data) {
   refuse_non_finite(name, "values", dtype, data, element_count(shape));
   Handle group(create_tensor_group(name, shape, dtype, false), H5Gclose);
-  write_dataset(group.get(), "data", dtype, element_count(shape), data, path_ + ": tensor '" + name + "'");
+  write_with_checksums(group.get(), "data", dtype, element_count(shape), data, path_ + ": tensor '" + name + "'");
 }
 
 void ModelStoreWriter::set_source_checksum(const std::string& checksum) { header_.source_checksum = checksum; }

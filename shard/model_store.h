@@ -85,6 +85,13 @@ class ModelStore {
   // The model's chat template (root attribute chat_template); empty when the store has none.
   const std::string& chat_template() const { return header_.chat_template; }
 
+  // Whether the store carries checksums over its tensor data (stores converted before them do not).
+  // With them every read above verifies the 1 MiB pieces it touches and throws FormatError naming
+  // the tensor when one differs.
+  bool has_checksums() const { return checksummed_; }
+  // Reads and verifies every tensor's data; returns the bytes verified (0 without checksums).
+  uint64_t verify_all() const;
+
   // Bytes of tensor data this reader has read so far (tests assert ranks read about total / N).
   uint64_t bytes_read() const { return bytes_read_; }
   // Total bytes of tensor data in the file (codes + absmax + nested absmax + dense tensors).
@@ -92,6 +99,11 @@ class ModelStore {
 
  private:
   ModelStore() = default;
+  // Elements [begin, end) of the tensor's dataset `part` (codes, absmax, nested_absmax, data) of
+  // `length` elements, verified against its checksums when the store has them.
+  void read_checked(const std::string& name, const char* part, kernels::DType dtype, int64_t length, int64_t begin,
+                    int64_t end, void* destination) const;
+  bool checksummed_ = false;
   std::string path_;
   int64_t file_ = -1;
   StoreHeader header_;

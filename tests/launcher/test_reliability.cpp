@@ -12,6 +12,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <hdf5.h>
+
 #include "kernels/dtype.h"
 #include "shard/model_config.h"
 #include "shard/safetensors.h"
@@ -354,6 +356,67 @@ TEST(Reliability, AnAdapterWithAnImpossibleRankIsRefusedNamingTheField) {
     EXPECT_TRUE(contains(output, "adapter_config.json: r is " + rank + ", outside 1..65536")) << output;
     EXPECT_FALSE(contains(output, "internal error")) << output;
   }
+}
+
+// Where HDF5 keeps a tensor dataset's bytes in the store file (contiguous layout).
+uint64_t dataset_file_offset(const std::string& store, const std::string& dataset) {
+  const hid_t file = H5Fopen(store.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  const hid_t data = H5Dopen2(file, dataset.c_str(), H5P_DEFAULT);
+  const haddr_t offset = H5Dget_offset(data);
+  H5Dclose(data);
+  H5Fclose(file);
+  return offset;
+}
+
+TEST(Reliability, ACorruptedStoredTensorEndsTrainingAndInspectVerifyNamingIt) {
+  const std::string folder = shared_temp_dir();
+  const std::string store = folder + "/checksummed.h5";
+  std::string output;
+  ASSERT_EQ(run_command(qlora_binary() + " convert --synthetic micro --out " + store, &output), 0) << output;
+  ASSERT_EQ(run_command(qlora_binary() + " inspect " + store + " --verify", &output), 0) << output;
+  EXPECT_TRUE(contains(output, "match their checksums")) << output;
+
+  // 4 KiB of one projection's codes overwritten, as a bad sector or a stray write would.
+  const std::string tensor = "model.layers.1.mlp.down_proj.weight";
+  const uint64_t offset = dataset_file_offset(store, "/tensors/" + tensor + "/codes");
+  ASSERT_NE(offset, static_cast<uint64_t>(HADDR_UNDEF));
+  {
+    std::fstream raw(store, std::ios::in | std::ios::out | std::ios::binary);
+    raw.seekp(static_cast<std::streamoff>(offset));
+    const std::string noise(4096, '\x5a');
+    raw.write(noise.data(), static_cast<std::streamsize>(noise.size()));
+  }
+  const std::string message = "tensor '" + tensor + "': its stored codes (bytes 0 to 5504) do not match their checksum";
+  EXPECT_EQ(run_command(qlora_binary() + " inspect " + store + " --verify", &output), 2) << output;
+  EXPECT_TRUE(contains(output, message)) << output;
+  EXPECT_EQ(run_command(train_command(folder + "/corrupt-store-run", "--steps 1", store), &output), 2) << output;
+  EXPECT_TRUE(contains(output, message)) << output;
+  EXPECT_EQ(run_command("mpirun --oversubscribe --allow-run-as-root -np 2 " +
+                            train_command(folder + "/corrupt-store-run", "--steps 1", store), &output),
+            2)
+      << output;
+  EXPECT_TRUE(contains(output, message)) << output;
+
+  // A store from before checksums (their datasets removed) still trains, with a note.
+  const std::string older = folder + "/older.h5";
+  ASSERT_EQ(run_command(qlora_binary() + " convert --synthetic micro --out " + older, &output), 0) << output;
+  {
+    const hid_t file = H5Fopen(older.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    for (const auto& name : shard::ModelConfig::from_json(
+                                Json{{"hidden_size", 64}, {"intermediate_size", 172}, {"num_hidden_layers", 2},
+                                     {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"vocab_size", 512}},
+                                "micro")
+                                .tensor_names())
+      for (const char* part : {"codes", "absmax", "data"}) {
+        const std::string link = "/tensors/" + name + "/" + part + "_fnv1a64";
+        if (H5Lexists(file, link.c_str(), H5P_DEFAULT) > 0) H5Ldelete(file, link.c_str(), H5P_DEFAULT);
+      }
+    H5Fclose(file);
+  }
+  EXPECT_EQ(run_command(train_command(folder + "/older-store-run", "--steps 1", older), &output), 0) << output;
+  EXPECT_TRUE(contains(output, "note: " + older + " has no tensor checksums")) << output;
+  EXPECT_EQ(run_command(qlora_binary() + " inspect " + older + " --verify", &output), 2) << output;
+  EXPECT_TRUE(contains(output, "nothing to verify")) << output;
 }
 
 }  // namespace
