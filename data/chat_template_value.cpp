@@ -10,6 +10,7 @@
 #include <locale.h>
 
 #include "data/chat_template_internal.h"
+#include "data/unicode.h"
 
 namespace qlora::data::jinja {
 
@@ -188,24 +189,6 @@ std::string type_name(const Value& value) {
 
 namespace {
 
-void append_utf8(std::string& out, uint32_t code_point) {
-  if (code_point < 0x80) {
-    out += static_cast<char>(code_point);
-  } else if (code_point < 0x800) {
-    out += static_cast<char>(0xC0 | (code_point >> 6));
-    out += static_cast<char>(0x80 | (code_point & 0x3F));
-  } else if (code_point < 0x10000) {
-    out += static_cast<char>(0xE0 | (code_point >> 12));
-    out += static_cast<char>(0x80 | ((code_point >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (code_point & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (code_point >> 18));
-    out += static_cast<char>(0x80 | ((code_point >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((code_point >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (code_point & 0x3F));
-  }
-}
-
 // Decodes one code point at `pos` (advancing it); a malformed byte stands for itself as U+FFFD.
 uint32_t next_code_point(const std::string& text, size_t& pos) {
   unsigned char lead = static_cast<unsigned char>(text[pos]);
@@ -247,7 +230,7 @@ std::string map_case(const std::string& text, bool upper) {
       code_point = static_cast<uint32_t>(upper ? towupper_l(static_cast<wint_t>(code_point), locale)
                                                : towlower_l(static_cast<wint_t>(code_point), locale));
     }
-    append_utf8(out, code_point);
+    unicode::append_utf8(out, code_point);
   }
   return out;
 }
